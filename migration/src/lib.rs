@@ -1,0 +1,180 @@
+//! run-engine's schema history.
+//!
+//! One migration per file, oldest first; the list in [`Migrator`] is the order they run in.
+//! Every migration runs up and down on SQLite, PostgreSQL and MariaDB. Column types that differ
+//! between backends are decided in one place, [`schema_types`].
+//!
+//! Apply migrations with [`apply`], which takes a cross-process lock on PostgreSQL and MariaDB so
+//! that several processes migrating one database at once apply each migration exactly once.
+
+pub use sea_orm_migration::prelude::*;
+
+mod lock;
+mod m20261128_000001_create_run_tables;
+mod m20261128_000002_add_version_fields_for_concurrency;
+mod m20261128_000003_create_run_log;
+mod m20261128_000004_add_story_execution_fields;
+pub mod schema_types;
+
+pub use lock::{MigrationLockError, apply, fresh, rollback, status, with_migration_lock};
+
+/// The ordered list of run-engine's migrations.
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![
+            Box::new(m20261128_000001_create_run_tables::Migration),
+            Box::new(m20261128_000002_add_version_fields_for_concurrency::Migration),
+            Box::new(m20261128_000003_create_run_log::Migration),
+            Box::new(m20261128_000004_add_story_execution_fields::Migration),
+        ]
+    }
+}
+
+/// Names of every migration, oldest first.
+pub fn migration_names() -> Vec<String> {
+    Migrator::migrations()
+        .iter()
+        .map(|m| m.name().to_owned())
+        .collect()
+}
+
+/// Table and column names shared by the migrations, as `DeriveIden` enums.
+pub mod idens {
+    use sea_orm_migration::prelude::*;
+
+    /// The `run` table.
+    #[derive(DeriveIden)]
+    pub enum Run {
+        /// Table name.
+        Table,
+        /// Primary key (UUID).
+        Id,
+        /// Caller-chosen key.
+        Key,
+        /// Human title.
+        Title,
+        /// Status name.
+        Status,
+        /// Optimistic-concurrency version.
+        Version,
+        /// Creation time.
+        CreatedAt,
+        /// Last change time.
+        UpdatedAt,
+        /// When it started running.
+        StartedAt,
+        /// When it finished.
+        FinishedAt,
+        /// Error text of a failed run.
+        Error,
+    }
+
+    /// The `run_epic` table.
+    #[derive(DeriveIden)]
+    pub enum RunEpic {
+        /// Table name.
+        Table,
+        /// Primary key (UUID).
+        Id,
+        /// Owning run.
+        RunId,
+        /// Key, unique within the run.
+        Key,
+        /// Human title.
+        Title,
+        /// Position within the run.
+        Position,
+        /// Status name.
+        Status,
+        /// Optimistic-concurrency version.
+        Version,
+        /// Creation time.
+        CreatedAt,
+        /// Last change time.
+        UpdatedAt,
+        /// When it started running.
+        StartedAt,
+        /// When it finished.
+        FinishedAt,
+        /// Error text.
+        Error,
+    }
+
+    /// The `run_story` table.
+    #[derive(DeriveIden)]
+    pub enum RunStory {
+        /// Table name.
+        Table,
+        /// Primary key (UUID).
+        Id,
+        /// Owning run (denormalised for direct queries).
+        RunId,
+        /// Owning epic.
+        EpicId,
+        /// Key, unique within the epic.
+        Key,
+        /// Human title.
+        Title,
+        /// Position within the epic.
+        Position,
+        /// Status name.
+        Status,
+        /// Attempts made so far.
+        Attempts,
+        /// Optimistic-concurrency version.
+        Version,
+        /// Creation time.
+        CreatedAt,
+        /// Last change time.
+        UpdatedAt,
+        /// When it started running.
+        StartedAt,
+        /// When it finished.
+        FinishedAt,
+        /// Error text.
+        Error,
+        /// Shell command (or other payload) the story runs.
+        Command,
+        /// Most attempts allowed.
+        MaxAttempts,
+        /// Worker holding the lease.
+        LeaseOwner,
+        /// When the lease runs out.
+        LeaseExpiresAt,
+    }
+
+    /// The append-only `run_log` table.
+    #[derive(DeriveIden)]
+    pub enum RunLog {
+        /// Table name.
+        Table,
+        /// Surrogate key.
+        Id,
+        /// Owning run.
+        RunId,
+        /// Position within the run's log, gap-free and in commit order.
+        Seq,
+        /// Batch the line was appended in.
+        BatchId,
+        /// Line number within its batch.
+        LineNo,
+        /// Time of the batch.
+        LoggedAt,
+        /// The line's bytes.
+        Message,
+    }
+
+    /// The per-run log head: the last sequence number handed out.
+    #[derive(DeriveIden)]
+    pub enum RunLogHead {
+        /// Table name.
+        Table,
+        /// The run.
+        RunId,
+        /// Last sequence number used.
+        LastSeq,
+    }
+}

@@ -1,0 +1,191 @@
+//! Applying migrations under a cross-process lock.
+//!
+//! sea-orm-migration takes no lock of its own: two processes that migrate one database at once
+//! both see a migration pending and both apply it. Every entry point here first takes a lock
+//! that lives in the database server, so any number of processes on any number of machines
+//! apply each migration exactly once.
+
+use crate::{Migrator, MigratorTrait};
+use sea_orm_migration::sea_orm::{
+    ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, Statement,
+    TransactionTrait,
+};
+use std::future::Future;
+
+/// The key of the PostgreSQL advisory lock (any constant unique to this project).
+const PG_LOCK_KEY: i64 = 0x7275_6e5f_656e_67; // "run_eng"
+/// The name of the MariaDB/MySQL named lock.
+const MYSQL_LOCK_NAME: &str = "run_engine_migrations";
+/// How long a MariaDB process waits for another's migrations, in seconds.
+const MYSQL_LOCK_TIMEOUT_S: u32 = 600;
+
+/// Why migrating failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationLockError {
+    /// The migration lock could not be taken in time.
+    #[error("another process held the migration lock for more than {0} s")]
+    LockTimeout(u32),
+    /// The database failed.
+    #[error(transparent)]
+    Database(#[from] DbErr),
+}
+
+/// Runs `work` while holding the migration lock.
+///
+/// PostgreSQL: a transaction-scoped advisory lock on a connection of its own. MariaDB: a named
+/// lock (`GET_LOCK`) on a connection of its own. SQLite: none needed for one process; SQLite
+/// serialises writers itself, and its migrations are meant for one machine.
+///
+/// The pool behind `db` must allow at least two connections on PostgreSQL and MariaDB (the
+/// default does): one holds the lock while `work` runs on another.
+pub async fn with_migration_lock<T, F, Fut>(
+    db: &DatabaseConnection,
+    work: F,
+) -> Result<T, MigrationLockError>
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<T, DbErr>>,
+{
+    let guard = acquire(db).await?;
+    let result = work().await;
+    release(guard).await?;
+    Ok(result?)
+}
+
+async fn acquire(
+    db: &DatabaseConnection,
+) -> Result<Option<DatabaseTransaction>, MigrationLockError> {
+    let backend = db.get_database_backend();
+    match backend {
+        DbBackend::Postgres => {
+            let tx = db.begin().await?;
+            // SAFETY(lock): a transaction-scoped advisory lock is released when `tx` ends,
+            // even if this process dies, because the server ends the transaction with the
+            // connection.
+            tx.execute_raw(Statement::from_sql_and_values(
+                backend,
+                "SELECT pg_advisory_xact_lock($1)",
+                [PG_LOCK_KEY.into()],
+            ))
+            .await?;
+            Ok(Some(tx))
+        }
+        DbBackend::MySql => {
+            let tx = db.begin().await?;
+            // SAFETY(lock): GET_LOCK is held by this session until RELEASE_LOCK or until the
+            // session ends, so a dead process frees it.
+            let row = tx
+                .query_one_raw(Statement::from_sql_and_values(
+                    backend,
+                    "SELECT GET_LOCK(?, ?) AS got",
+                    [MYSQL_LOCK_NAME.into(), MYSQL_LOCK_TIMEOUT_S.into()],
+                ))
+                .await?;
+            let got: Option<i64> = match row {
+                Some(row) => row.try_get("", "got")?,
+                None => None,
+            };
+            if got != Some(1) {
+                tx.rollback().await?;
+                return Err(MigrationLockError::LockTimeout(MYSQL_LOCK_TIMEOUT_S));
+            }
+            Ok(Some(tx))
+        }
+        _ => Ok(None),
+    }
+}
+
+async fn release(guard: Option<DatabaseTransaction>) -> Result<(), DbErr> {
+    let Some(tx) = guard else { return Ok(()) };
+    if tx.get_database_backend() == DbBackend::MySql {
+        tx.execute_raw(Statement::from_sql_and_values(
+            DbBackend::MySql,
+            "SELECT RELEASE_LOCK(?)",
+            [MYSQL_LOCK_NAME.into()],
+        ))
+        .await?;
+    }
+    tx.rollback().await
+}
+
+/// Applies pending migrations (all of them, or the first `steps`) under the migration lock, and
+/// returns the names of those this call applied.
+///
+/// ```no_run
+/// # async fn demo(db: &sea_orm_migration::sea_orm::DatabaseConnection) -> Result<(), migration::MigrationLockError> {
+/// let applied = migration::apply(db, None).await?;
+/// println!("applied {} migration(s)", applied.len());
+/// # Ok(()) }
+/// ```
+pub async fn apply(
+    db: &DatabaseConnection,
+    steps: Option<u32>,
+) -> Result<Vec<String>, MigrationLockError> {
+    with_migration_lock(db, || async {
+        let pending: Vec<String> = Migrator::get_pending_migrations(db)
+            .await?
+            .iter()
+            .map(|m| m.name().to_owned())
+            .collect();
+        Migrator::up(db, steps).await?;
+        let still: Vec<String> = Migrator::get_pending_migrations(db)
+            .await?
+            .iter()
+            .map(|m| m.name().to_owned())
+            .collect();
+        Ok(pending.into_iter().filter(|n| !still.contains(n)).collect())
+    })
+    .await
+}
+
+/// Rolls back the last `steps` applied migrations (all of them when `None`) under the migration
+/// lock, and returns the names of those this call rolled back, newest first.
+pub async fn rollback(
+    db: &DatabaseConnection,
+    steps: Option<u32>,
+) -> Result<Vec<String>, MigrationLockError> {
+    with_migration_lock(db, || async {
+        let before = applied_names(db).await?;
+        Migrator::down(db, steps).await?;
+        let after = applied_names(db).await?;
+        Ok(before
+            .into_iter()
+            .rev()
+            .filter(|n| !after.contains(n))
+            .collect())
+    })
+    .await
+}
+
+/// Every migration, oldest first, and whether it is applied.
+pub async fn status(db: &DatabaseConnection) -> Result<Vec<(String, bool)>, MigrationLockError> {
+    with_migration_lock(db, || async {
+        let applied = applied_names(db).await?;
+        Ok(crate::migration_names()
+            .into_iter()
+            .map(|n| {
+                let done = applied.contains(&n);
+                (n, done)
+            })
+            .collect())
+    })
+    .await
+}
+
+async fn applied_names(db: &DatabaseConnection) -> Result<Vec<String>, DbErr> {
+    Ok(Migrator::get_applied_migrations(db)
+        .await?
+        .iter()
+        .map(|m| m.name().to_owned())
+        .collect())
+}
+
+/// Drops every table in the database and applies every migration from scratch, under the
+/// migration lock. Destroys all data.
+pub async fn fresh(db: &DatabaseConnection) -> Result<Vec<String>, MigrationLockError> {
+    with_migration_lock(db, || async {
+        Migrator::fresh(db).await?;
+        Ok(crate::migration_names())
+    })
+    .await
+}
