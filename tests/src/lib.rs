@@ -1,1 +1,236 @@
-//! x
+//! The shared test fixture: a fresh, isolated database per test on each backend.
+//!
+//! SQLite always runs (a temporary file). PostgreSQL and MariaDB run when their server is named:
+//!
+//! - `RUN_ENGINE_TEST_POSTGRES_URL`, e.g. `postgres://postgres@127.0.0.1:5432/postgres`
+//! - `RUN_ENGINE_TEST_MYSQL_URL`, e.g. `mysql://root@127.0.0.1:3306/test`
+//!
+//! The URL names a server and a database the fixture can connect to in order to create and drop
+//! one database per test. A named server that cannot be reached fails the test with a message
+//! naming it. When `CI` is set, an unnamed server fails too: CI never passes by skipping.
+//!
+//! Use [`each_backend!`] to write one test body that runs on all three.
+
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend};
+use std::time::Duration;
+
+/// A database backend under test.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// SQLite, in a temporary file.
+    Sqlite,
+    /// PostgreSQL, from `RUN_ENGINE_TEST_POSTGRES_URL`.
+    Postgres,
+    /// MariaDB or MySQL, from `RUN_ENGINE_TEST_MYSQL_URL`.
+    MySql,
+}
+
+impl Backend {
+    /// The environment variable that names this backend's server, if it needs one.
+    pub fn env_var(self) -> Option<&'static str> {
+        match self {
+            Backend::Sqlite => None,
+            Backend::Postgres => Some("RUN_ENGINE_TEST_POSTGRES_URL"),
+            Backend::MySql => Some("RUN_ENGINE_TEST_MYSQL_URL"),
+        }
+    }
+
+    /// The server URL from the environment; `None` means "skip" (only outside CI).
+    ///
+    /// # Panics
+    /// In CI (`CI` set) when the variable is missing.
+    pub fn server_url(self) -> Option<String> {
+        let var = self.env_var()?;
+        match std::env::var(var) {
+            Ok(url) if !url.is_empty() => Some(url),
+            _ if std::env::var_os("CI").is_some() => {
+                panic!("{var} is not set, but CI must test {self:?}: set it to the server's URL")
+            }
+            _ => {
+                eprintln!("skipping {self:?}: {var} is not set");
+                None
+            }
+        }
+    }
+}
+
+/// A fresh database that exists for one test and is dropped afterwards.
+pub struct TestDb {
+    /// A connection pool to the test's own database (run-domain's defaults).
+    pub db: DatabaseConnection,
+    /// The URL of the test's own database (to hand to subprocesses).
+    pub url: String,
+    /// Which backend this is.
+    pub backend: Backend,
+    cleanup: Cleanup,
+}
+
+enum Cleanup {
+    File(std::path::PathBuf),
+    Server { admin_url: String, name: String },
+}
+
+impl TestDb {
+    /// A fresh empty database, or `None` when the backend is not configured (outside CI).
+    ///
+    /// # Panics
+    /// When the backend is named but cannot be reached, naming it.
+    pub async fn empty(backend: Backend) -> Option<TestDb> {
+        let name = format!("re_test_{}", uuid::Uuid::new_v4().simple());
+        let (url, cleanup) = match backend {
+            Backend::Sqlite => {
+                let path = std::env::temp_dir().join(format!("{name}.db"));
+                (
+                    format!("sqlite://{}?mode=rwc", path.display()),
+                    Cleanup::File(path),
+                )
+            }
+            Backend::Postgres | Backend::MySql => {
+                let admin_url = backend.server_url()?;
+                let admin = admin_connect(backend, &admin_url).await;
+                let create = match backend {
+                    Backend::Postgres => format!("CREATE DATABASE \"{name}\""),
+                    _ => format!("CREATE DATABASE `{name}`"),
+                };
+                admin.execute_unprepared(&create).await.unwrap_or_else(|e| {
+                    panic!(
+                        "{backend:?} at {}: cannot create a test database: {e}",
+                        run_domain::redact_url(&admin_url)
+                    )
+                });
+                admin.close().await.ok();
+                (
+                    with_database(&admin_url, &name),
+                    Cleanup::Server { admin_url, name },
+                )
+            }
+        };
+        let db = run_domain::connect(&url)
+            .await
+            .unwrap_or_else(|e| panic!("{backend:?}: cannot open the test database: {e}"));
+        Some(TestDb {
+            db,
+            url,
+            backend,
+            cleanup,
+        })
+    }
+
+    /// A fresh database with every migration applied.
+    pub async fn migrated(backend: Backend) -> Option<TestDb> {
+        let t = Self::empty(backend).await?;
+        migration::apply(&t.db, None)
+            .await
+            .unwrap_or_else(|e| panic!("{backend:?}: migrating the test database failed: {e}"));
+        Some(t)
+    }
+
+    /// The sea-orm backend.
+    pub fn db_backend(&self) -> DbBackend {
+        self.db.get_database_backend()
+    }
+
+    /// Opens another pool on the same database (as another process would).
+    pub async fn reconnect(&self) -> DatabaseConnection {
+        run_domain::connect(&self.url)
+            .await
+            .unwrap_or_else(|e| panic!("{:?}: reconnect failed: {e}", self.backend))
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        match &self.cleanup {
+            Cleanup::File(path) => {
+                for suffix in ["", "-wal", "-shm"] {
+                    let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+                }
+            }
+            Cleanup::Server { admin_url, name } => {
+                let (backend, admin_url, name) = (self.backend, admin_url.clone(), name.clone());
+                // Drop runs outside any async context we may block, so use a thread with its
+                // own runtime. Best effort: a failure leaves a stray database, never a failure.
+                let _ = std::thread::spawn(move || {
+                    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    else {
+                        return;
+                    };
+                    rt.block_on(async move {
+                        let Ok(admin) = run_domain::connect(&admin_url).await else {
+                            return;
+                        };
+                        let sql = match backend {
+                            Backend::Postgres => {
+                                format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")
+                            }
+                            _ => format!("DROP DATABASE IF EXISTS `{name}`"),
+                        };
+                        let _ = admin.execute_unprepared(&sql).await;
+                        let _ = admin.close().await;
+                    });
+                })
+                .join();
+            }
+        }
+    }
+}
+
+async fn admin_connect(backend: Backend, url: &str) -> DatabaseConnection {
+    let mut last = None;
+    // A server under load may refuse a connection for a moment; a missing one refuses forever.
+    for _ in 0..3 {
+        match run_domain::connect(url).await {
+            Ok(db) => return db,
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!(
+        "{backend:?} server named by {} is unreachable at {}: {}",
+        backend.env_var().unwrap_or("?"),
+        run_domain::redact_url(url),
+        last.map(|e| e.to_string()).unwrap_or_default()
+    )
+}
+
+/// `url` with its database (path) replaced by `name`.
+pub fn with_database(url: &str, name: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            u.set_path(&format!("/{name}"));
+            u.to_string()
+        }
+        Err(e) => panic!("invalid server URL {}: {e}", run_domain::redact_url(url)),
+    }
+}
+
+/// Writes one test that runs on SQLite, PostgreSQL and MariaDB, each in a fresh migrated
+/// database: `each_backend!(async fn name(t) { ... })` makes a module `name` with the tests
+/// `sqlite`, `postgres` and `mysql`, each binding `t: TestDb`.
+#[macro_export]
+macro_rules! each_backend {
+    ($(#[$meta:meta])* async fn $name:ident($t:ident) $body:block) => {
+        $(#[$meta])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sqlite() {
+                if let Some($t) = $crate::TestDb::migrated($crate::Backend::Sqlite).await $body
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn postgres() {
+                if let Some($t) = $crate::TestDb::migrated($crate::Backend::Postgres).await $body
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn mysql() {
+                if let Some($t) = $crate::TestDb::migrated($crate::Backend::MySql).await $body
+            }
+        }
+    };
+}

@@ -1,5 +1,37 @@
-//! run-engine's domain crate.
+//! run-engine's domain crate: what executors call to change state safely when many of them run
+//! at once, on one machine or many.
+//!
+//! - [`versioned`]: compare-and-swap updates and deletes ([`VersionedUpdate`]) with typed
+//!   conflicts ([`ConcurrencyError`]); the only way this crate changes a versioned row.
+//! - [`retry`]: re-read, re-apply, try again, with bounded jittered backoff.
+//! - [`lifecycle`]: run, epic and story statuses, their legal transitions, and [`transition`].
+//! - [`run_log`]: atomic, ordered, append-only run logs and cursor reads for followers.
+//! - [`create`]: new runs, epics and stories, at version 1.
+//! - [`connection`]: [`connect`] with the right defaults per backend.
+
 pub mod connection;
+pub mod create;
+pub mod error;
+pub mod lifecycle;
+pub mod retry;
+pub mod run_log;
+pub mod versioned;
+
 pub use connection::{
     ConnectError, DEFAULT_DATABASE_URL, SQLITE_BUSY_TIMEOUT, connect, redact_url,
 };
+pub use create::{NewEpic, NewRun, NewStory, create_epic, create_run, create_stories};
+pub use error::{ConcurrencyError, CreateError, LogError, TransitionError};
+pub use lifecycle::{
+    EpicStatus, HasStatus, Lifecycle, RunStatus, StoryStatus, UnknownStatus, transition,
+    transition_with,
+};
+pub use retry::{RetryPolicy, Retryable, retry, update_with_retry};
+pub use run_log::{
+    AppendReceipt, LogCursor, LogEntry, LogPage, append_run_log, append_run_logs,
+    append_run_logs_idempotent, read_run_log, read_run_log_after, write_run_log,
+};
+pub use versioned::{Changes, Versioned, VersionedUpdate};
+
+#[doc(hidden)]
+pub use uuid;

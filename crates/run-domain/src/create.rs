@@ -1,0 +1,182 @@
+//! Creating runs, epics and stories. Every new row starts at version 1 and its lifecycle's
+//! initial status; from then on it changes only by compare-and-swap.
+
+use crate::error::CreateError;
+use crate::lifecycle::{EpicStatus, Lifecycle, RunStatus, StoryStatus};
+use chrono::Utc;
+use entity::{run, run_epic, run_log_head, run_story};
+use sea_orm::{
+    ActiveValue::Set, ConnectionTrait, EntityTrait, TransactionSession, TransactionTrait,
+};
+use uuid::Uuid;
+
+/// A run to create.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewRun {
+    /// Caller's key (for example the plan's name).
+    pub key: String,
+    /// Human title.
+    pub title: String,
+}
+
+/// An epic to create within a run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEpic {
+    /// Key, unique within the run.
+    pub key: String,
+    /// Human title.
+    pub title: String,
+    /// Position within the run.
+    pub position: i32,
+}
+
+/// A story to create within an epic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewStory {
+    /// Key, unique within the epic.
+    pub key: String,
+    /// Human title.
+    pub title: String,
+    /// Position within the epic.
+    pub position: i32,
+    /// Command (or other payload) its handler runs.
+    pub command: Option<String>,
+    /// Most attempts allowed (at least 1).
+    pub max_attempts: i32,
+}
+
+/// Creates a run (status pending, version 1) and its empty log.
+///
+/// ```no_run
+/// use run_domain::{NewRun, create_run};
+/// # async fn demo(db: &sea_orm::DatabaseConnection) -> Result<(), run_domain::CreateError> {
+/// let run = create_run(db, NewRun { key: "nightly".into(), title: "Nightly build".into() }).await?;
+/// assert_eq!(run.version, 1);
+/// # Ok(()) }
+/// ```
+pub async fn create_run<C>(db: &C, new: NewRun) -> Result<run::Model, CreateError>
+where
+    C: ConnectionTrait + TransactionTrait,
+{
+    let now = Utc::now();
+    let id = Uuid::new_v4();
+    let tx = db.begin().await?;
+    run::Entity::insert(run::ActiveModel {
+        id: Set(id),
+        key: Set(new.key),
+        title: Set(new.title),
+        status: Set(RunStatus::INITIAL.as_str().to_owned()),
+        version: Set(1),
+        created_at: Set(now),
+        updated_at: Set(now),
+        started_at: Set(None),
+        finished_at: Set(None),
+        error: Set(None),
+    })
+    .exec_without_returning(&tx)
+    .await?;
+    run_log_head::Entity::insert(run_log_head::ActiveModel {
+        run_id: Set(id),
+        last_seq: Set(0),
+    })
+    .exec_without_returning(&tx)
+    .await?;
+    let created = run::Entity::find_by_id(id).one(&tx).await?;
+    tx.commit().await?;
+    created.ok_or(CreateError::ParentNotFound { entity: "run", id })
+}
+
+/// Creates an epic of `run_id` (status pending, version 1).
+pub async fn create_epic<C>(
+    db: &C,
+    run_id: Uuid,
+    new: NewEpic,
+) -> Result<run_epic::Model, CreateError>
+where
+    C: ConnectionTrait + TransactionTrait,
+{
+    if run::Entity::find_by_id(run_id).one(db).await?.is_none() {
+        return Err(CreateError::ParentNotFound {
+            entity: "run",
+            id: run_id,
+        });
+    }
+    let now = Utc::now();
+    let id = Uuid::new_v4();
+    run_epic::Entity::insert(run_epic::ActiveModel {
+        id: Set(id),
+        run_id: Set(run_id),
+        key: Set(new.key),
+        title: Set(new.title),
+        position: Set(new.position),
+        status: Set(EpicStatus::INITIAL.as_str().to_owned()),
+        version: Set(1),
+        created_at: Set(now),
+        updated_at: Set(now),
+        started_at: Set(None),
+        finished_at: Set(None),
+        error: Set(None),
+    })
+    .exec_without_returning(db)
+    .await?;
+    run_epic::Entity::find_by_id(id)
+        .one(db)
+        .await?
+        .ok_or(CreateError::ParentNotFound {
+            entity: "run_epic",
+            id,
+        })
+}
+
+/// Creates `stories` in `epic` (status pending, version 1), all or none, in chunks that stay
+/// within every backend's limit on bound parameters. Returns their ids in order.
+pub async fn create_stories<C>(
+    db: &C,
+    epic: &run_epic::Model,
+    stories: Vec<NewStory>,
+) -> Result<Vec<Uuid>, CreateError>
+where
+    C: ConnectionTrait + TransactionTrait,
+{
+    const CHUNK: usize = 500;
+    let now = Utc::now();
+    let tx = db.begin().await?;
+    let mut ids = Vec::with_capacity(stories.len());
+    let mut rows = Vec::with_capacity(CHUNK);
+    for story in stories {
+        let id = Uuid::new_v4();
+        ids.push(id);
+        rows.push(run_story::ActiveModel {
+            id: Set(id),
+            run_id: Set(epic.run_id),
+            epic_id: Set(epic.id),
+            key: Set(story.key),
+            title: Set(story.title),
+            position: Set(story.position),
+            status: Set(StoryStatus::INITIAL.as_str().to_owned()),
+            attempts: Set(0),
+            created_at: Set(now),
+            updated_at: Set(now),
+            started_at: Set(None),
+            finished_at: Set(None),
+            error: Set(None),
+            version: Set(1),
+            command: Set(story.command),
+            max_attempts: Set(story.max_attempts.max(1)),
+            lease_owner: Set(None),
+            lease_expires_at: Set(None),
+        });
+        if rows.len() == CHUNK {
+            run_story::Entity::insert_many(std::mem::take(&mut rows))
+                .exec_without_returning(&tx)
+                .await?;
+        }
+    }
+    if !rows.is_empty() {
+        run_story::Entity::insert_many(rows)
+            .exec_without_returning(&tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(ids)
+}

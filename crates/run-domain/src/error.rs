@@ -1,0 +1,126 @@
+//! The crate's error types: each carries what a caller needs to act on it.
+
+use sea_orm::DbErr;
+use uuid::Uuid;
+
+/// A compare-and-swap update or delete did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum ConcurrencyError {
+    /// The row exists, but its version is no longer the one the caller read: someone else
+    /// changed it first. Re-read and try again (see [`crate::retry`]).
+    #[error(
+        "{entity} {id} was changed by someone else: expected version {expected}, found {actual}"
+    )]
+    Conflict {
+        /// Which kind of row (`run`, `run_epic`, `run_story`, ...).
+        entity: &'static str,
+        /// The row's id.
+        id: Uuid,
+        /// The version the caller read.
+        expected: i32,
+        /// The row's version now.
+        actual: i32,
+    },
+    /// No row has this id.
+    #[error("{entity} {id} not found")]
+    NotFound {
+        /// Which kind of row.
+        entity: &'static str,
+        /// The id asked for.
+        id: Uuid,
+    },
+    /// The change names a column that only this crate may set (the id, the version, the
+    /// update time, or the status, which changes only through [`crate::transition`]).
+    #[error("{entity}.{column} cannot be set directly: {reason}")]
+    ReservedColumn {
+        /// Which kind of row.
+        entity: &'static str,
+        /// The column named.
+        column: String,
+        /// Why it is reserved, and what to use instead.
+        reason: &'static str,
+    },
+    /// The database failed.
+    #[error("database error: {0}")]
+    Database(#[from] DbErr),
+}
+
+impl ConcurrencyError {
+    /// True for [`ConcurrencyError::Conflict`]: the only outcome worth retrying after a re-read.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, ConcurrencyError::Conflict { .. })
+    }
+}
+
+/// A status change was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TransitionError {
+    /// The lifecycle does not allow this change; nothing was sent to the database.
+    #[error("{entity} {id} cannot go from {from} to {to}")]
+    Illegal {
+        /// Which kind of row.
+        entity: &'static str,
+        /// The row's id.
+        id: Uuid,
+        /// Its status as read.
+        from: String,
+        /// The status asked for.
+        to: String,
+    },
+    /// The row holds a status this crate does not know (written by something else).
+    #[error("{entity} {id} has unknown status {found:?}")]
+    UnknownStatus {
+        /// Which kind of row.
+        entity: &'static str,
+        /// The row's id.
+        id: Uuid,
+        /// The status text found.
+        found: String,
+    },
+    /// The compare-and-swap failed (stale version, missing row, database error).
+    #[error(transparent)]
+    Concurrency(#[from] ConcurrencyError),
+}
+
+impl TransitionError {
+    /// True when the underlying compare-and-swap met a newer version.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, TransitionError::Concurrency(c) if c.is_conflict())
+    }
+}
+
+/// A run-log operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// No run has this id.
+    #[error("run {run_id} not found")]
+    RunNotFound {
+        /// The id asked for.
+        run_id: Uuid,
+    },
+    /// A batch id was reused for a different batch (other lines, or another run).
+    #[error("batch {batch_id} was already appended with different content")]
+    BatchMismatch {
+        /// The batch id.
+        batch_id: Uuid,
+    },
+    /// The database failed; nothing of the batch was written.
+    #[error("database error: {0}")]
+    Database(#[from] DbErr),
+}
+
+/// Creating rows failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    /// The parent row does not exist.
+    #[error("{entity} {id} not found")]
+    ParentNotFound {
+        /// Which kind of parent.
+        entity: &'static str,
+        /// Its id.
+        id: Uuid,
+    },
+    /// The database refused (for example a duplicate key within a parent).
+    #[error("database error: {0}")]
+    Database(#[from] DbErr),
+}

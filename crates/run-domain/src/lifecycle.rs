@@ -1,0 +1,235 @@
+//! Status lifecycles of runs, epics and stories, and the one call that changes a status.
+//!
+//! Each lifecycle is an enum with one table of legal transitions. [`transition`] checks the
+//! table before it touches the database, then applies the change by compare-and-swap, so an
+//! illegal change never reaches the database and a stale one never overwrites a newer state.
+
+use crate::error::TransitionError;
+use crate::versioned::{Changes, Versioned};
+use chrono::Utc;
+use sea_orm::{ConnectionTrait, TransactionTrait};
+use std::fmt;
+use std::str::FromStr;
+
+/// A status enum with a table of legal transitions.
+pub trait Lifecycle:
+    Copy + Eq + fmt::Debug + fmt::Display + FromStr + Send + Sync + 'static
+{
+    /// Every status.
+    const ALL: &'static [Self];
+    /// Every legal `(from, to)` change.
+    const TRANSITIONS: &'static [(Self, Self)];
+    /// The status a new row starts in.
+    const INITIAL: Self;
+    /// The status's name as stored in the database.
+    fn as_str(self) -> &'static str;
+    /// True when nothing may follow it.
+    fn is_terminal(self) -> bool {
+        !Self::TRANSITIONS.iter().any(|(from, _)| *from == self)
+    }
+    /// True when `self -> to` is in the table.
+    fn can_become(self, to: Self) -> bool {
+        Self::TRANSITIONS.contains(&(self, to))
+    }
+    /// Parses a stored name.
+    fn parse(name: &str) -> Option<Self> {
+        Self::ALL.iter().copied().find(|s| s.as_str() == name)
+    }
+    /// True for the status that means "work is under way" (sets `started_at`).
+    fn is_running(self) -> bool;
+}
+
+macro_rules! lifecycle {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident = $text:literal),+ $(,)? }
+     transitions: [$(($from:ident, $to:ident)),* $(,)?]) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vdoc])* $variant),+
+        }
+
+        impl Lifecycle for $name {
+            const ALL: &'static [Self] = &[$($name::$variant),+];
+            const TRANSITIONS: &'static [(Self, Self)] = &[$(($name::$from, $name::$to)),*];
+            const INITIAL: Self = $name::Pending;
+            fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+            fn is_running(self) -> bool {
+                self == $name::Running
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = UnknownStatus;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                <$name as Lifecycle>::parse(s).ok_or_else(|| UnknownStatus(s.to_owned()))
+            }
+        }
+    };
+}
+
+/// A status name that no lifecycle knows.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown status {0:?}")]
+pub struct UnknownStatus(pub String);
+
+lifecycle! {
+    /// The status of a run.
+    RunStatus {
+        /// Created, not started.
+        Pending = "pending",
+        /// Some story has started.
+        Running = "running",
+        /// Every epic completed.
+        Completed = "completed",
+        /// Some story failed all its attempts.
+        Failed = "failed",
+        /// Cancelled: no new work is claimed.
+        Cancelled = "cancelled",
+    }
+    transitions: [
+        (Pending, Running), (Pending, Cancelled), (Pending, Completed), (Pending, Failed),
+        (Running, Completed), (Running, Failed), (Running, Cancelled),
+    ]
+}
+
+lifecycle! {
+    /// The status of an epic.
+    EpicStatus {
+        /// No story started yet.
+        Pending = "pending",
+        /// Some story has started.
+        Running = "running",
+        /// Every story completed.
+        Completed = "completed",
+        /// Some story failed all its attempts.
+        Failed = "failed",
+        /// Its run was cancelled.
+        Cancelled = "cancelled",
+    }
+    transitions: [
+        (Pending, Running), (Pending, Cancelled), (Pending, Completed), (Pending, Failed),
+        (Running, Completed), (Running, Failed), (Running, Cancelled),
+    ]
+}
+
+lifecycle! {
+    /// The status of a story.
+    StoryStatus {
+        /// Waiting to be claimed (again, after a failed attempt or a returned lease).
+        Pending = "pending",
+        /// Claimed by a worker holding its lease.
+        Running = "running",
+        /// Its work succeeded.
+        Completed = "completed",
+        /// Its last allowed attempt failed.
+        Failed = "failed",
+        /// Its run was cancelled before it finished.
+        Cancelled = "cancelled",
+    }
+    transitions: [
+        (Pending, Running), (Pending, Cancelled),
+        (Running, Completed), (Running, Failed), (Running, Pending), (Running, Cancelled),
+    ]
+}
+
+/// An entity with a lifecycle-governed `status` column (and `started_at`/`finished_at`).
+pub trait HasStatus: Versioned {
+    /// Its lifecycle.
+    type Status: Lifecycle;
+    /// The `status` column.
+    fn status_column() -> Self::Column;
+    /// A model's status text.
+    fn status_of(model: &Self::Model) -> &str;
+    /// The `started_at` column, set when the status becomes running.
+    fn started_at_column() -> Self::Column;
+    /// The `finished_at` column, set when the status becomes terminal.
+    fn finished_at_column() -> Self::Column;
+}
+
+crate::versioned_entity!(entity::run, "run", status: RunStatus);
+crate::versioned_entity!(entity::run_epic, "run_epic", status: EpicStatus);
+crate::versioned_entity!(entity::run_story, "run_story", status: StoryStatus);
+
+/// Moves `current` to status `to` by compare-and-swap on the version it was read at.
+///
+/// Rejects a change the lifecycle forbids with [`TransitionError::Illegal`] before touching the
+/// database. Sets `started_at` on entering running and `finished_at` on entering a terminal
+/// status (clearing it when a story goes back to pending).
+///
+/// ```no_run
+/// use entity::run;
+/// use run_domain::{RunStatus, VersionedUpdate, transition};
+/// # async fn demo(db: &sea_orm::DatabaseConnection, id: uuid::Uuid) -> Result<(), run_domain::TransitionError> {
+/// let current = run::Entity::find_versioned(db, id).await?;
+/// let running = transition::<run::Entity, _>(db, &current, RunStatus::Running).await?;
+/// assert_eq!(running.status, "running");
+/// # Ok(()) }
+/// ```
+pub async fn transition<E, C>(
+    db: &C,
+    current: &E::Model,
+    to: E::Status,
+) -> Result<E::Model, TransitionError>
+where
+    E: HasStatus,
+    E::Model: Sync,
+    C: ConnectionTrait + TransactionTrait,
+{
+    transition_with::<E, C>(db, current, to, Changes::new()).await
+}
+
+/// Like [`transition`], applying `extra` changes in the same statement (a lease, an error text,
+/// an attempt count).
+pub async fn transition_with<E, C>(
+    db: &C,
+    current: &E::Model,
+    to: E::Status,
+    extra: Changes<E>,
+) -> Result<E::Model, TransitionError>
+where
+    E: HasStatus,
+    E::Model: Sync,
+    C: ConnectionTrait + TransactionTrait,
+{
+    let id = E::id_of(current);
+    let from_text = E::status_of(current);
+    let from = E::Status::parse(from_text).ok_or_else(|| TransitionError::UnknownStatus {
+        entity: E::NAME,
+        id,
+        found: from_text.to_owned(),
+    })?;
+    if !from.can_become(to) {
+        return Err(TransitionError::Illegal {
+            entity: E::NAME,
+            id,
+            from: from.as_str().to_owned(),
+            to: to.as_str().to_owned(),
+        });
+    }
+    crate::versioned::check_reserved(&extra)?;
+    let now = Utc::now();
+    let mut changes = Changes::<E>::new();
+    // The status column is reserved in `Changes`; this is the one place that sets it.
+    changes.sets.push((
+        E::status_column(),
+        sea_orm::sea_query::Expr::val(to.as_str()),
+    ));
+    if to.is_running() {
+        changes = changes.set(E::started_at_column(), now);
+    }
+    if to.is_terminal() {
+        changes = changes.set(E::finished_at_column(), now);
+    } else if from.is_running() && !to.is_running() {
+        changes = changes.set(E::finished_at_column(), None::<chrono::DateTime<Utc>>);
+    }
+    let changes = changes.merge(extra);
+    Ok(crate::versioned::compare_and_swap::<E, C>(db, id, E::version_of(current), changes).await?)
+}

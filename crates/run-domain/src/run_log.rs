@@ -1,0 +1,406 @@
+//! The run log: atomic, ordered, append-only lines per run.
+//!
+//! Each line is a row of `run_log`; an append is one short transaction whatever the size of the
+//! log already there. Lines are numbered per run by `seq`, gap-free and in commit order:
+//!
+//! 1. the appender bumps `run_log_head.last_seq` by the batch's length, which row-locks the
+//!    run's head until commit, and takes the numbers it freed;
+//! 2. it inserts the batch's lines with those numbers and one timestamp;
+//! 3. it commits, releasing the head for the next appender.
+//!
+//! Since the next appender cannot take numbers before the previous one commits, a follower that
+//! has seen line `n` has seen every line before it, and reading `seq > cursor` never skips a line
+//! that commits later. (A plain auto-increment id would not do: PostgreSQL hands sequence values
+//! out before commit, so rows commit out of id order.) The run row itself is never touched, so
+//! an append never changes the run's version nor fails anyone's compare-and-swap on it.
+//!
+//! Messages are stored as bytes: NUL, control characters and any other byte of a `&str` read back
+//! exactly on every backend (PostgreSQL's `text` would reject NUL).
+
+use crate::error::LogError;
+use chrono::{DateTime, SecondsFormat, Utc};
+use entity::{run, run_log, run_log_head};
+use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Query};
+use sea_orm::{
+    AccessMode, ActiveValue::Set, ColumnTrait, ConnectionTrait, DbBackend, EntityTrait,
+    QueryFilter, QueryOrder, QuerySelect, SqliteTransactionMode, TransactionOptions,
+    TransactionSession, TransactionTrait,
+};
+use uuid::Uuid;
+
+/// One line of a run's log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogEntry {
+    /// Position in the run's log, from 1, gap-free.
+    pub seq: i64,
+    /// The batch it was appended in.
+    pub batch_id: Uuid,
+    /// Its index within the batch, from 0.
+    pub line_no: i32,
+    /// The batch's timestamp.
+    pub logged_at: DateTime<Utc>,
+    /// The message, exactly as appended.
+    pub message: String,
+}
+
+impl LogEntry {
+    /// The line as text: `[<ISO-8601 UTC with ms>] <message>`.
+    ///
+    /// ```
+    /// use run_domain::LogEntry;
+    /// let e = LogEntry {
+    ///     seq: 1,
+    ///     batch_id: uuid::Uuid::nil(),
+    ///     line_no: 0,
+    ///     logged_at: "2026-11-28T12:00:00.5Z".parse().unwrap(),
+    ///     message: "hello".into(),
+    /// };
+    /// assert_eq!(e.to_line(), "[2026-11-28T12:00:00.500Z] hello");
+    /// ```
+    pub fn to_line(&self) -> String {
+        format!(
+            "[{}] {}",
+            self.logged_at.to_rfc3339_opts(SecondsFormat::Millis, true),
+            self.message
+        )
+    }
+
+    fn from_model(m: run_log::Model) -> Self {
+        LogEntry {
+            seq: m.seq,
+            batch_id: m.batch_id,
+            line_no: m.line_no,
+            logged_at: m.logged_at,
+            // Only `&str` is ever stored, so this is valid UTF-8 unless something else wrote
+            // the row; then show the bytes rather than fail the whole read.
+            message: match String::from_utf8(m.message) {
+                Ok(s) => s,
+                Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+            },
+        }
+    }
+}
+
+/// Where a follower is in a run's log: the `seq` of the last line it has seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct LogCursor(pub i64);
+
+impl LogCursor {
+    /// Before the first line.
+    pub const START: LogCursor = LogCursor(0);
+}
+
+/// What an append wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppendReceipt {
+    /// The batch's id.
+    pub batch_id: Uuid,
+    /// The `seq` of its first line (0 for an empty batch).
+    pub first_seq: i64,
+    /// The `seq` of its last line (0 for an empty batch).
+    pub last_seq: i64,
+    /// The batch's timestamp.
+    pub logged_at: DateTime<Utc>,
+    /// False when the batch id had already been appended and nothing was written again.
+    pub written: bool,
+}
+
+/// A page of lines after a cursor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogPage {
+    /// The lines, in order.
+    pub entries: Vec<LogEntry>,
+    /// The cursor to ask from next time (unchanged when `entries` is empty).
+    pub next: LogCursor,
+}
+
+/// Appends one line to a run's log.
+///
+/// ```no_run
+/// # async fn demo(db: &sea_orm::DatabaseConnection, run_id: uuid::Uuid) -> Result<(), run_domain::LogError> {
+/// run_domain::append_run_log(db, run_id, "story build started").await?;
+/// # Ok(()) }
+/// ```
+pub async fn append_run_log<C>(
+    db: &C,
+    run_id: Uuid,
+    message: &str,
+) -> Result<AppendReceipt, LogError>
+where
+    C: ConnectionTrait + TransactionTrait,
+{
+    append_run_logs(db, run_id, [message]).await
+}
+
+/// Appends a batch of lines atomically: all of them or none, contiguous, in order, with one
+/// timestamp. An empty batch is a no-op.
+///
+/// ```no_run
+/// # async fn demo(db: &sea_orm::DatabaseConnection, run_id: uuid::Uuid) -> Result<(), run_domain::LogError> {
+/// run_domain::append_run_logs(db, run_id, ["compiling", "linking", "done"]).await?;
+/// # Ok(()) }
+/// ```
+pub async fn append_run_logs<C, I, S>(
+    db: &C,
+    run_id: Uuid,
+    messages: I,
+) -> Result<AppendReceipt, LogError>
+where
+    C: ConnectionTrait + TransactionTrait,
+    I: IntoIterator<Item = S>,
+    S: AsRef<str>,
+{
+    append_run_logs_idempotent(db, run_id, Uuid::new_v4(), messages).await
+}
+
+/// Like [`append_run_logs`] under a batch id the caller chose: appending the same batch id again
+/// (a retry after an error whose first try did commit) writes nothing and returns the first
+/// try's receipt with `written == false`.
+pub async fn append_run_logs_idempotent<C, I, S>(
+    db: &C,
+    run_id: Uuid,
+    batch_id: Uuid,
+    messages: I,
+) -> Result<AppendReceipt, LogError>
+where
+    C: ConnectionTrait + TransactionTrait,
+    I: IntoIterator<Item = S>,
+    S: AsRef<str>,
+{
+    let messages: Vec<S> = messages.into_iter().collect();
+    let logged_at = Utc::now();
+    if messages.is_empty() {
+        return Ok(AppendReceipt {
+            batch_id,
+            first_seq: 0,
+            last_seq: 0,
+            logged_at,
+            written: false,
+        });
+    }
+    let n = i64::try_from(messages.len()).unwrap_or(i64::MAX);
+    let backend = db.get_database_backend();
+    // SQLite: take the write lock at BEGIN, so the transaction never has to upgrade a read lock
+    // (which fails at once with "database is locked" instead of waiting).
+    let tx = db
+        .begin_with_options(TransactionOptions {
+            isolation_level: None,
+            access_mode: Some(AccessMode::ReadWrite).filter(|_| backend != DbBackend::Sqlite),
+            sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+        })
+        .await?;
+
+    let last = match reserve(&tx, run_id, n).await? {
+        Some(last) => last,
+        None => {
+            ensure_head(&tx, run_id).await?;
+            reserve(&tx, run_id, n)
+                .await?
+                .ok_or(LogError::RunNotFound { run_id })?
+        }
+    };
+
+    // SAFETY(idempotency): the head's row lock is held, so a concurrent retry of the same
+    // batch waits here until this one commits or rolls back, then sees its rows.
+    if let Some(first) = run_log::Entity::find()
+        .filter(run_log::Column::BatchId.eq(batch_id))
+        .order_by_asc(run_log::Column::LineNo)
+        .one(&tx)
+        .await?
+    {
+        tx.rollback().await?;
+        if first.run_id != run_id {
+            return Err(LogError::BatchMismatch { batch_id });
+        }
+        return Ok(AppendReceipt {
+            batch_id,
+            first_seq: first.seq,
+            last_seq: first.seq + n - 1,
+            logged_at: first.logged_at,
+            written: false,
+        });
+    }
+
+    let first_seq = last - n + 1;
+    // Bound each INSERT by rows and by bytes: MariaDB refuses packets over max_allowed_packet
+    // (16 MiB by default), and every backend limits bound parameters.
+    const MAX_ROWS: usize = 500;
+    const MAX_BYTES: usize = 4 << 20;
+    let mut rows = Vec::new();
+    let mut bytes = 0usize;
+    for (i, message) in messages.iter().enumerate() {
+        let message = message.as_ref().as_bytes();
+        if !rows.is_empty() && (rows.len() == MAX_ROWS || bytes + message.len() > MAX_BYTES) {
+            run_log::Entity::insert_many(std::mem::take(&mut rows))
+                .exec_without_returning(&tx)
+                .await?;
+            bytes = 0;
+        }
+        bytes += message.len();
+        let i = i64::try_from(i).unwrap_or(i64::MAX);
+        rows.push(run_log::ActiveModel {
+            id: sea_orm::ActiveValue::NotSet,
+            run_id: Set(run_id),
+            seq: Set(first_seq + i),
+            batch_id: Set(batch_id),
+            line_no: Set(i32::try_from(i).unwrap_or(i32::MAX)),
+            logged_at: Set(logged_at),
+            message: Set(message.to_vec()),
+        });
+    }
+    if !rows.is_empty() {
+        run_log::Entity::insert_many(rows)
+            .exec_without_returning(&tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(AppendReceipt {
+        batch_id,
+        first_seq,
+        last_seq: last,
+        logged_at,
+        written: true,
+    })
+}
+
+/// Bumps the run's head by `n` and returns the new last seq, or `None` when it has no head row.
+async fn reserve<C: ConnectionTrait>(
+    tx: &C,
+    run_id: Uuid,
+    n: i64,
+) -> Result<Option<i64>, LogError> {
+    let update = run_log_head::Entity::update_many()
+        .col_expr(
+            run_log_head::Column::LastSeq,
+            Expr::col(run_log_head::Column::LastSeq).add(n),
+        )
+        .filter(run_log_head::Column::RunId.eq(run_id));
+    // SAFETY(ordering): this UPDATE takes the head's row lock (PostgreSQL, MariaDB) or the
+    // database write lock (SQLite, BEGIN IMMEDIATE) until commit; see the module docs.
+    let head = match tx.get_database_backend() {
+        DbBackend::MySql => {
+            if update.exec(tx).await?.rows_affected == 0 {
+                return Ok(None);
+            }
+            run_log_head::Entity::find_by_id(run_id).one(tx).await?
+        }
+        _ => update.exec_with_returning(tx).await?.into_iter().next(),
+    };
+    Ok(head.map(|h| h.last_seq))
+}
+
+/// Creates the run's head row if the run exists and has none (runs made before the log or by
+/// other tools). Inserts nothing when the run does not exist.
+async fn ensure_head<C: ConnectionTrait>(tx: &C, run_id: Uuid) -> Result<(), LogError> {
+    let mut select = Query::select();
+    select
+        .expr(Expr::val(run_id))
+        .expr(Expr::val(0i64))
+        .from(run::Entity)
+        .and_where(Expr::col(run::Column::Id).eq(run_id));
+    let mut insert = Query::insert();
+    insert
+        .into_table(run_log_head::Entity)
+        .columns([run_log_head::Column::RunId, run_log_head::Column::LastSeq])
+        .select_from(select)
+        .map_err(|e| LogError::Database(sea_orm::DbErr::Custom(e.to_string())))?
+        .on_conflict(
+            OnConflict::column(run_log_head::Column::RunId)
+                .do_nothing_on([run_log_head::Column::RunId])
+                .to_owned(),
+        );
+    tx.execute(&insert).await?;
+    Ok(())
+}
+
+/// Reads up to `limit` lines after `cursor`, in order, for a follower.
+///
+/// A follower that polls with the returned `next` cursor sees every line exactly once, even
+/// while writers append (see the module docs).
+///
+/// ```no_run
+/// use run_domain::{LogCursor, read_run_log_after};
+/// # async fn demo(db: &sea_orm::DatabaseConnection, run_id: uuid::Uuid) -> Result<(), run_domain::LogError> {
+/// let mut cursor = LogCursor::START;
+/// loop {
+///     let page = read_run_log_after(db, run_id, cursor, 1000).await?;
+///     for entry in &page.entries {
+///         println!("{}", entry.to_line());
+///     }
+///     if page.entries.is_empty() { break; }
+///     cursor = page.next;
+/// }
+/// # Ok(()) }
+/// ```
+pub async fn read_run_log_after<C: ConnectionTrait>(
+    db: &C,
+    run_id: Uuid,
+    cursor: LogCursor,
+    limit: u64,
+) -> Result<LogPage, LogError> {
+    let rows = run_log::Entity::find()
+        .filter(run_log::Column::RunId.eq(run_id))
+        .filter(run_log::Column::Seq.gt(cursor.0))
+        .order_by_asc(run_log::Column::Seq)
+        .limit(limit)
+        .all(db)
+        .await?;
+    if rows.is_empty() && !run_exists(db, run_id).await? {
+        return Err(LogError::RunNotFound { run_id });
+    }
+    let entries: Vec<LogEntry> = rows.into_iter().map(LogEntry::from_model).collect();
+    let next = entries.last().map_or(cursor, |e| LogCursor(e.seq));
+    Ok(LogPage { entries, next })
+}
+
+/// Writes the whole log of a run, one `[<timestamp>] <message>` line each, to `out`, reading
+/// it in pages so that memory stays bounded whatever the log's size. Returns the lines written.
+pub async fn write_run_log<C, W>(db: &C, run_id: Uuid, out: &mut W) -> Result<u64, LogError>
+where
+    C: ConnectionTrait,
+    W: std::io::Write,
+{
+    const PAGE: u64 = 1000;
+    let mut cursor = LogCursor::START;
+    let mut count = 0u64;
+    loop {
+        let page = read_run_log_after(db, run_id, cursor, PAGE).await?;
+        for entry in &page.entries {
+            writeln!(out, "{}", entry.to_line()).map_err(|e| {
+                LogError::Database(sea_orm::DbErr::Custom(format!("writing the log: {e}")))
+            })?;
+            count += 1;
+        }
+        if (page.entries.len() as u64) < PAGE {
+            return Ok(count);
+        }
+        cursor = page.next;
+    }
+}
+
+/// The whole log of a run as text, one `[<ISO-8601 UTC with ms>] <message>` line per message.
+///
+/// ```no_run
+/// # async fn demo(db: &sea_orm::DatabaseConnection, run_id: uuid::Uuid) -> Result<(), run_domain::LogError> {
+/// let text = run_domain::read_run_log(db, run_id).await?;
+/// print!("{text}");
+/// # Ok(()) }
+/// ```
+pub async fn read_run_log<C: ConnectionTrait>(db: &C, run_id: Uuid) -> Result<String, LogError> {
+    let mut buf = Vec::new();
+    write_run_log(db, run_id, &mut buf).await?;
+    // Every line was built from Strings.
+    Ok(String::from_utf8(buf)
+        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
+}
+
+async fn run_exists<C: ConnectionTrait>(db: &C, run_id: Uuid) -> Result<bool, LogError> {
+    Ok(run::Entity::find()
+        .select_only()
+        .column(run::Column::Id)
+        .filter(run::Column::Id.eq(run_id))
+        .into_tuple::<Uuid>()
+        .one(db)
+        .await?
+        .is_some())
+}
