@@ -13,7 +13,7 @@ use sea_orm_migration::sea_orm::{
 use std::future::Future;
 
 /// The key of the PostgreSQL advisory lock (any constant unique to this project).
-const PG_LOCK_KEY: i64 = 0x7275_6e5f_656e_67; // "run_eng"
+const PG_LOCK_KEY: i64 = 0x0072_756e_5f65_6e67; // "run_eng"
 /// The name of the MariaDB/MySQL named lock.
 const MYSQL_LOCK_NAME: &str = "run_engine_migrations";
 /// How long a MariaDB process waits for another's migrations, in seconds.

@@ -263,7 +263,7 @@ each_backend! {
     async fn a_row_with_an_unknown_status_is_reported_not_changed(t) {
         let story = one_story(&t.db).await;
         run_story::Entity::update_many()
-            .col_expr(run_story::Column::Status, sea_orm::sea_query::Expr::val("exploded").into())
+            .col_expr(run_story::Column::Status, sea_orm::sea_query::Expr::val("exploded"))
             .filter(run_story::Column::Id.eq(story.id))
             .exec(&t.db).await.expect("corrupt on purpose");
         let odd = run_story::Entity::find_versioned(&t.db, story.id).await.expect("read");

@@ -168,7 +168,7 @@ async fn generate_from(scratch: &Path) -> Result<BTreeMap<String, String>> {
     for file in output.files {
         let formatted = rustfmt(&file.content)
             .with_context(|| format!("formatting generated {}", file.name))?;
-        let body = formatted.trim_start_matches(|c: char| c == '\n');
+        let body = formatted.trim_start_matches('\n');
         let docs = if file.name == "lib.rs" {
             format!("{HEADER}\n//!\n//! SeaORM entities for run-engine's tables.\n\n")
         } else {
