@@ -35,3 +35,8 @@ pub use versioned::{Changes, Versioned, VersionedUpdate};
 
 #[doc(hidden)]
 pub use uuid;
+
+/// The README's examples, compiled as doc tests so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;

@@ -50,8 +50,31 @@ pub trait Versioned: EntityTrait + Default {
 /// Implements [`Versioned`] for an entity module with `id`, `version` and `updated_at` columns
 /// (and a `status` column when a lifecycle is given, reserving it to [`crate::transition`]).
 ///
-/// ```ignore
-/// run_domain::versioned_entity!(crate::entity::job, "job");
+/// ```
+/// mod job {
+///     use sea_orm::entity::prelude::*;
+///
+///     #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+///     #[sea_orm(table_name = "job")]
+///     pub struct Model {
+///         #[sea_orm(primary_key, auto_increment = false)]
+///         pub id: Uuid,
+///         pub payload: String,
+///         pub version: i32,
+///         pub updated_at: DateTimeUtc,
+///     }
+///
+///     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+///     pub enum Relation {}
+///
+///     impl ActiveModelBehavior for ActiveModel {}
+/// }
+///
+/// // The one line: `job::Entity` now has `update_versioned`, `delete_versioned`, ...
+/// run_domain::versioned_entity!(job, "job");
+///
+/// use run_domain::Versioned;
+/// assert_eq!(<job::Entity as Versioned>::NAME, "job");
 /// ```
 #[macro_export]
 macro_rules! versioned_entity {
