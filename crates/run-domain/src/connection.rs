@@ -125,3 +125,41 @@ pub async fn connect(url: &str) -> Result<DatabaseConnection, ConnectError> {
             source,
         })
 }
+
+/// True when `err` is worth retrying as is: the connection broke or was killed, the server is
+/// restarting, the pool had no connection in time, or the database chose this transaction as a
+/// deadlock or serialisation victim. Constraint violations, type errors and the like are not.
+///
+/// Only idempotent work may be retried blindly: run-log appends carry a batch id for that
+/// reason and are retried inside [`crate::append_run_logs`]. A compare-and-swap whose first try
+/// may have committed shows up on retry as a conflict with `actual == expected + 1`.
+pub fn is_transient(err: &DbErr) -> bool {
+    use sea_orm::RuntimeErr;
+    match err {
+        DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => true,
+        DbErr::Exec(RuntimeErr::SqlxError(e)) | DbErr::Query(RuntimeErr::SqlxError(e)) => {
+            use sea_orm::sqlx::Error as E;
+            match e.as_ref() {
+                E::Io(_) | E::PoolTimedOut | E::PoolClosed | E::WorkerCrashed | E::Protocol(_) => {
+                    true
+                }
+                E::Database(db) => db.code().is_some_and(|code| transient_code(&code)),
+                _ => false,
+            }
+        }
+        _ => false,
+    }
+}
+
+/// SQLSTATE (PostgreSQL, MariaDB) or result code (SQLite) of a retryable failure.
+fn transient_code(code: &str) -> bool {
+    code.starts_with("08") // connection exception
+        || code.starts_with("57P0") // admin/crash shutdown, cannot connect now
+        || matches!(
+            code,
+            "40001" // serialization failure; MariaDB deadlock (1213)
+            | "40P01" // deadlock detected
+            | "70100" // MariaDB: query/connection killed
+            | "5" | "6" | "517" // SQLite BUSY, LOCKED, BUSY_SNAPSHOT
+        )
+}

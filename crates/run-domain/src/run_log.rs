@@ -17,7 +17,9 @@
 //! Messages are stored as bytes: NUL, control characters and any other byte of a `&str` read back
 //! exactly on every backend (PostgreSQL's `text` would reject NUL).
 
+use crate::connection::is_transient;
 use crate::error::LogError;
+use crate::retry::RetryPolicy;
 use chrono::{DateTime, SecondsFormat, Utc};
 use entity::{run, run_log, run_log_head};
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Query};
@@ -26,6 +28,7 @@ use sea_orm::{
     QueryFilter, QueryOrder, QuerySelect, SqliteTransactionMode, TransactionOptions,
     TransactionSession, TransactionTrait,
 };
+use std::time::Duration;
 use uuid::Uuid;
 
 /// One line of a run's log.
@@ -155,7 +158,9 @@ where
 
 /// Like [`append_run_logs`] under a batch id the caller chose: appending the same batch id again
 /// (a retry after an error whose first try did commit) writes nothing and returns the first
-/// try's receipt with `written == false`.
+/// try's receipt with `written == false`. Transient database failures (a dropped connection, a
+/// server restart, a deadlock victim) are retried with backoff under the same batch id, so a
+/// retry whose first try committed writes nothing twice.
 pub async fn append_run_logs_idempotent<C, I, S>(
     db: &C,
     run_id: Uuid,
@@ -168,6 +173,35 @@ where
     S: AsRef<str>,
 {
     let messages: Vec<S> = messages.into_iter().collect();
+    let policy = RetryPolicy {
+        max_attempts: 8,
+        base_delay: Duration::from_millis(50),
+        max_delay: Duration::from_secs(2),
+    };
+    let mut attempt = 1;
+    loop {
+        match append_once(db, run_id, batch_id, &messages).await {
+            // SAFETY(idempotency): a retried batch whose first try committed is found by its
+            // batch id and not written again.
+            Err(LogError::Database(e)) if is_transient(&e) && attempt < policy.max_attempts => {
+                tokio::time::sleep(policy.delay(attempt)).await;
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
+async fn append_once<C, S>(
+    db: &C,
+    run_id: Uuid,
+    batch_id: Uuid,
+    messages: &[S],
+) -> Result<AppendReceipt, LogError>
+where
+    C: ConnectionTrait + TransactionTrait,
+    S: AsRef<str>,
+{
     let logged_at = Utc::now();
     if messages.is_empty() {
         return Ok(AppendReceipt {
