@@ -329,3 +329,27 @@ each_backend! {
         assert!(transition::<run::Entity, _>(&t.db, &cancelled, RunStatus::Running).await.is_err());
     }
 }
+
+each_backend! {
+    async fn extra_changes_of_a_transition_override_its_defaults(t) {
+        let story = one_story(&t.db).await;
+        let when: chrono::DateTime<chrono::Utc> = "2030-01-02T03:04:05Z".parse().expect("time");
+        let running = run_domain::transition_with::<run_story::Entity, _>(
+            &t.db,
+            &story,
+            StoryStatus::Running,
+            Changes::new()
+                .set(run_story::Column::StartedAt, when)
+                .set(run_story::Column::LeaseOwner, Some("worker-1".to_owned())),
+        )
+        .await
+        .expect("claim");
+        assert_eq!(running.started_at, Some(when));
+        assert_eq!(running.lease_owner.as_deref(), Some("worker-1"));
+        assert!(matches!(
+            run_domain::transition_with::<run_story::Entity, _>(&t.db, &running, StoryStatus::Completed,
+                Changes::new().set(run_story::Column::Version, 1)).await,
+            Err(TransitionError::Concurrency(ConcurrencyError::ReservedColumn { .. }))
+        ));
+    }
+}

@@ -296,7 +296,15 @@ where
     let mut update = E::update_many()
         .col_expr(version, Expr::col(version.into_iden()).add(1))
         .col_expr(E::updated_at_column(), Expr::val(Utc::now()));
+    // A column set twice keeps its last value (SQL refuses two assignments to one column).
+    let mut sets: Vec<(E::Column, SimpleExpr)> = Vec::with_capacity(changes.sets.len());
     for (column, expr) in changes.sets {
+        match sets.iter_mut().find(|(c, _)| c.as_str() == column.as_str()) {
+            Some(slot) => slot.1 = expr,
+            None => sets.push((column, expr)),
+        }
+    }
+    for (column, expr) in sets {
         update = update.col_expr(column, expr);
     }
     // SAFETY(atomicity): the version test and the write are one UPDATE statement, so two
