@@ -208,10 +208,17 @@ pub fn with_database(url: &str, name: &str) -> String {
 
 /// Writes one test that runs on SQLite, PostgreSQL and MariaDB, each in a fresh migrated
 /// database: `each_backend!(async fn name(t) { ... })` makes a module `name` with the tests
-/// `sqlite`, `postgres` and `mysql`, each binding `t: TestDb`.
+/// `sqlite`, `postgres` and `mysql`, each binding `t: TestDb`. Start the body with `empty:` —
+/// `each_backend!(empty: async fn name(t) { ... })` — for a database with no migration applied.
 #[macro_export]
 macro_rules! each_backend {
+    (empty: $(#[$meta:meta])* async fn $name:ident($t:ident) $body:block) => {
+        $crate::each_backend!(@with empty, $(#[$meta])* $name, $t, $body);
+    };
     ($(#[$meta:meta])* async fn $name:ident($t:ident) $body:block) => {
+        $crate::each_backend!(@with migrated, $(#[$meta])* $name, $t, $body);
+    };
+    (@with $make:ident, $(#[$meta:meta])* $name:ident, $t:ident, $body:block) => {
         $(#[$meta])*
         mod $name {
             #[allow(unused_imports)]
@@ -219,18 +226,62 @@ macro_rules! each_backend {
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn sqlite() {
-                if let Some($t) = $crate::TestDb::migrated($crate::Backend::Sqlite).await $body
+                if let Some($t) = $crate::TestDb::$make($crate::Backend::Sqlite).await $body
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn postgres() {
-                if let Some($t) = $crate::TestDb::migrated($crate::Backend::Postgres).await $body
+                if let Some($t) = $crate::TestDb::$make($crate::Backend::Postgres).await $body
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn mysql() {
-                if let Some($t) = $crate::TestDb::migrated($crate::Backend::MySql).await $body
+                if let Some($t) = $crate::TestDb::$make($crate::Backend::MySql).await $body
             }
         }
     };
+}
+
+/// Creates a run with one epic holding one pending story (command `true`, 3 attempts) and
+/// returns the story.
+pub async fn new_story(db: &DatabaseConnection) -> entity::run_story::Model {
+    use run_domain::{NewEpic, NewRun, NewStory, VersionedUpdate};
+    let run = run_domain::create_run(
+        db,
+        NewRun {
+            key: "k".into(),
+            title: "t".into(),
+        },
+    )
+    .await
+    .expect("create run");
+    let epic = run_domain::create_epic(
+        db,
+        run.id,
+        NewEpic {
+            key: "e".into(),
+            title: "e".into(),
+            position: 0,
+        },
+    )
+    .await
+    .expect("create epic");
+    let ids = run_domain::create_stories(
+        db,
+        &epic,
+        vec![NewStory {
+            key: "s".into(),
+            title: "s".into(),
+            position: 0,
+            command: Some("true".into()),
+            max_attempts: 3,
+        }],
+    )
+    .await
+    .expect("create story");
+    entity::run_story::Model::clone(
+        &entity::run_story::Entity::find_versioned(db, ids[0])
+            .await
+            .expect("read story"),
+    )
 }

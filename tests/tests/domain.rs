@@ -2,56 +2,15 @@
 
 use entity::{run, run_story};
 use run_domain::{
-    Changes, ConcurrencyError, NewEpic, NewRun, NewStory, RetryPolicy, RunStatus, StoryStatus,
-    TransitionError, VersionedUpdate, create_epic, create_run, create_stories, retry, transition,
-    update_with_retry,
+    Changes, ConcurrencyError, NewRun, RetryPolicy, RunStatus, StoryStatus, TransitionError,
+    VersionedUpdate, create_run, retry, transition, update_with_retry,
 };
 use run_engine_tests::each_backend;
-use sea_orm::{ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter};
+use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use tokio::sync::Barrier;
 use uuid::Uuid;
-
-/// A run with one epic of one story; returns the story.
-async fn one_story(db: &DatabaseConnection) -> run_story::Model {
-    let run = create_run(
-        db,
-        NewRun {
-            key: "k".into(),
-            title: "t".into(),
-        },
-    )
-    .await
-    .expect("create run");
-    let epic = create_epic(
-        db,
-        run.id,
-        NewEpic {
-            key: "e".into(),
-            title: "e".into(),
-            position: 0,
-        },
-    )
-    .await
-    .expect("create epic");
-    let ids = create_stories(
-        db,
-        &epic,
-        vec![NewStory {
-            key: "s".into(),
-            title: "s".into(),
-            position: 0,
-            command: Some("true".into()),
-            max_attempts: 3,
-        }],
-    )
-    .await
-    .expect("create story");
-    run_story::Entity::find_versioned(db, ids[0])
-        .await
-        .expect("read story")
-}
 
 const TASKS: usize = 32;
 const INCREMENTS: i32 = 4;
@@ -60,7 +19,7 @@ each_backend! {
     /// 32 tasks all read the counter, then all write it (a barrier lines them up), then go on
     /// incrementing with retries: compare-and-swap loses nothing.
     async fn thirty_two_racing_tasks_lose_no_increment_with_compare_and_swap(t) {
-        let story = one_story(&t.db).await;
+        let story = run_engine_tests::new_story(&t.db).await;
         let barrier = Arc::new(Barrier::new(TASKS));
         let successes = Arc::new(AtomicU32::new(0));
         let conflicts = Arc::new(AtomicU32::new(0));
@@ -108,7 +67,7 @@ each_backend! {
 each_backend! {
     /// The same load written as read-then-write (no version check) loses increments.
     async fn thirty_two_racing_tasks_lose_increments_with_read_then_write(t) {
-        let story = one_story(&t.db).await;
+        let story = run_engine_tests::new_story(&t.db).await;
         let barrier = Arc::new(Barrier::new(TASKS));
         let mut tasks = Vec::new();
         for _ in 0..TASKS {
@@ -147,7 +106,7 @@ each_backend! {
 
 each_backend! {
     async fn two_writers_on_one_version_only_one_wins(t) {
-        let story = one_story(&t.db).await;
+        let story = run_engine_tests::new_story(&t.db).await;
         let a = run_story::Entity::update_versioned(&t.db, story.id, story.version,
             Changes::new().set(run_story::Column::Title, "a")).await;
         let b = run_story::Entity::update_versioned(&t.db, story.id, story.version,
@@ -168,7 +127,7 @@ each_backend! {
 
 each_backend! {
     async fn update_returns_the_written_row_and_bumps_version_and_updated_at(t) {
-        let story = one_story(&t.db).await;
+        let story = run_engine_tests::new_story(&t.db).await;
         let updated = run_story::Entity::update_versioned(&t.db, story.id, story.version,
             Changes::new().set(run_story::Column::Error, Some("boom".to_owned()))).await.expect("update");
         assert_eq!(updated.version, 2);
@@ -180,7 +139,7 @@ each_backend! {
 
 each_backend! {
     async fn unknown_ids_stale_and_absurd_versions_get_typed_errors(t) {
-        let story = one_story(&t.db).await;
+        let story = run_engine_tests::new_story(&t.db).await;
         let missing = Uuid::new_v4();
         assert!(matches!(
             run_story::Entity::update_versioned(&t.db, missing, 1, Changes::new()).await,
@@ -205,7 +164,7 @@ each_backend! {
 
 each_backend! {
     async fn version_status_and_id_cannot_be_set_directly(t) {
-        let story = one_story(&t.db).await;
+        let story = run_engine_tests::new_story(&t.db).await;
         for (changes, column) in [
             (Changes::new().set(run_story::Column::Version, 99), "version"),
             (Changes::new().set(run_story::Column::Status, "completed"), "status"),
@@ -222,7 +181,7 @@ each_backend! {
 
 each_backend! {
     async fn delete_is_guarded_by_the_version(t) {
-        let story = one_story(&t.db).await;
+        let story = run_engine_tests::new_story(&t.db).await;
         assert!(matches!(
             run_story::Entity::delete_versioned(&t.db, story.id, story.version + 5).await,
             Err(ConcurrencyError::Conflict { actual: 1, .. })
@@ -237,7 +196,7 @@ each_backend! {
 
 each_backend! {
     async fn illegal_transitions_are_refused_before_the_database(t) {
-        let story = one_story(&t.db).await;
+        let story = run_engine_tests::new_story(&t.db).await;
         let err = transition::<run_story::Entity, _>(&t.db, &story, StoryStatus::Completed)
             .await
             .expect_err("pending cannot complete");
@@ -261,7 +220,7 @@ each_backend! {
 
 each_backend! {
     async fn a_row_with_an_unknown_status_is_reported_not_changed(t) {
-        let story = one_story(&t.db).await;
+        let story = run_engine_tests::new_story(&t.db).await;
         run_story::Entity::update_many()
             .col_expr(run_story::Column::Status, sea_orm::sea_query::Expr::val("exploded"))
             .filter(run_story::Column::Id.eq(story.id))
@@ -276,7 +235,7 @@ each_backend! {
 
 each_backend! {
     async fn retry_gives_up_after_its_attempts_with_the_last_conflict(t) {
-        let story = one_story(&t.db).await;
+        let story = run_engine_tests::new_story(&t.db).await;
         let calls = AtomicU32::new(0);
         let policy = RetryPolicy::attempts(3);
         let result = retry(&policy, |_| async {
@@ -296,7 +255,7 @@ each_backend! {
 
 each_backend! {
     async fn update_with_retry_reapplies_the_change_to_the_fresh_row(t) {
-        let story = one_story(&t.db).await;
+        let story = run_engine_tests::new_story(&t.db).await;
         let mut first = true;
         let db2 = t.db.clone();
         let id = story.id;
@@ -332,7 +291,7 @@ each_backend! {
 
 each_backend! {
     async fn extra_changes_of_a_transition_override_its_defaults(t) {
-        let story = one_story(&t.db).await;
+        let story = run_engine_tests::new_story(&t.db).await;
         let when: chrono::DateTime<chrono::Utc> = "2030-01-02T03:04:05Z".parse().expect("time");
         let running = run_domain::transition_with::<run_story::Entity, _>(
             &t.db,

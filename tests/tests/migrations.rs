@@ -7,39 +7,11 @@
 use chrono::{DateTime, Utc};
 use migration::idens::{Run, RunEpic, RunLog, RunLogHead, RunStory};
 use migration::{Migrator, MigratorTrait};
-use run_engine_tests::TestDb;
+use run_engine_tests::{TestDb, each_backend};
 use sea_orm::{ActiveModelTrait, ConnectionTrait, DatabaseConnection, EntityTrait, Set, Statement};
 use sea_orm_migration::SchemaManager;
 use sea_orm_migration::sea_query::{Iden, IntoIden, Query, SimpleExpr};
 use std::collections::BTreeSet;
-
-/// Writes one test that runs on SQLite, PostgreSQL and MariaDB, each in a fresh EMPTY database
-/// (no migration applied): `each_backend_empty!(async fn name(t) { ... })` makes a module `name`
-/// with the tests `sqlite`, `postgres` and `mysql`, each binding `t: TestDb`.
-macro_rules! each_backend_empty {
-    ($(#[$meta:meta])* async fn $name:ident($t:ident) $body:block) => {
-        $(#[$meta])*
-        mod $name {
-            #[allow(unused_imports)]
-            use super::*;
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn sqlite() {
-                if let Some($t) = TestDb::empty(run_engine_tests::Backend::Sqlite).await $body
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn postgres() {
-                if let Some($t) = TestDb::empty(run_engine_tests::Backend::Postgres).await $body
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn mysql() {
-                if let Some($t) = TestDb::empty(run_engine_tests::Backend::MySql).await $body
-            }
-        }
-    };
-}
 
 /// The number of migrations in [`Migrator`].
 const MIGRATIONS: usize = 4;
@@ -312,8 +284,8 @@ fn uuid_value(id: uuid::Uuid) -> SimpleExpr {
     id.into()
 }
 
-each_backend_empty!(
-    /// Each migration goes up, down and up again, one at a time; then all of them go down at
+each_backend!(
+    empty: /// Each migration goes up, down and up again, one at a time; then all of them go down at
     /// once and up at once. After every step exactly the expected tables and columns exist.
     async fn every_migration_goes_up_down_and_up_again(t) {
         let names = migration::migration_names();
@@ -338,8 +310,8 @@ each_backend_empty!(
     }
 );
 
-each_backend_empty!(
-    /// Rows written when only the first migration existed survive migrating to the latest
+each_backend!(
+    empty: /// Rows written when only the first migration existed survive migrating to the latest
     /// schema (every one with version 1 and the new columns' defaults) and rolling back to the
     /// first migration again (every row still there, the version columns gone).
     async fn rows_from_the_first_migration_survive_migrating_to_latest_and_back(t) {
@@ -435,8 +407,8 @@ each_backend_empty!(
     }
 );
 
-each_backend_empty!(
-    /// Rolling back `add_version_fields_for_concurrency` removes the three version columns and
+each_backend!(
+    empty: /// Rolling back `add_version_fields_for_concurrency` removes the three version columns and
     /// keeps every row, including rows written by the entities at the latest schema.
     async fn migrating_down_add_version_fields_for_concurrency_removes_the_version_columns_and_keeps_every_row(
         t

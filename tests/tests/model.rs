@@ -5,8 +5,7 @@ use entity::run_story;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use run_domain::{
-    Changes, ConcurrencyError, Lifecycle, NewEpic, NewRun, NewStory, StoryStatus, TransitionError,
-    VersionedUpdate, create_epic, create_run, create_stories, transition,
+    Changes, ConcurrencyError, Lifecycle, StoryStatus, TransitionError, VersionedUpdate, transition,
 };
 use run_engine_tests::{Backend, TestDb};
 use sea_orm::DatabaseConnection;
@@ -37,47 +36,8 @@ struct Row {
     attempts: i32,
 }
 
-async fn new_story(db: &DatabaseConnection) -> run_story::Model {
-    let run = create_run(
-        db,
-        NewRun {
-            key: "m".into(),
-            title: "m".into(),
-        },
-    )
-    .await
-    .expect("run");
-    let epic = create_epic(
-        db,
-        run.id,
-        NewEpic {
-            key: "e".into(),
-            title: "e".into(),
-            position: 0,
-        },
-    )
-    .await
-    .expect("epic");
-    let ids = create_stories(
-        db,
-        &epic,
-        vec![NewStory {
-            key: "s".into(),
-            title: "s".into(),
-            position: 0,
-            command: None,
-            max_attempts: 1,
-        }],
-    )
-    .await
-    .expect("story");
-    run_story::Entity::find_versioned(db, ids[0])
-        .await
-        .expect("read")
-}
-
 async fn check(db: &DatabaseConnection, ops: Vec<Op>) -> Result<(), TestCaseError> {
-    let start = new_story(db).await;
+    let start = run_engine_tests::new_story(db).await;
     let id = start.id;
     let mut model = Row {
         version: 1,
