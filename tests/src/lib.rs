@@ -11,6 +11,8 @@
 //!
 //! Use [`each_backend!`] to write one test body that runs on all three.
 
+pub mod private_server;
+
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend};
 use std::time::Duration;
 
@@ -284,4 +286,36 @@ pub async fn new_story(db: &DatabaseConnection) -> entity::run_story::Model {
             .await
             .expect("read story"),
     )
+}
+
+impl TestDb {
+    /// A fresh migrated database on `server` (a private server the test controls).
+    pub async fn migrated_on(server: &private_server::PrivateServer) -> TestDb {
+        let backend = server.backend();
+        let admin_url = server.url();
+        let admin = admin_connect(backend, &admin_url).await;
+        let name = format!("re_test_{}", uuid::Uuid::new_v4().simple());
+        let create = match backend {
+            Backend::Postgres => format!("CREATE DATABASE \"{name}\""),
+            _ => format!("CREATE DATABASE `{name}`"),
+        };
+        admin
+            .execute_unprepared(&create)
+            .await
+            .expect("create database on the private server");
+        admin.close().await.ok();
+        let url = with_database(&admin_url, &name);
+        let db = run_domain::connect(&url)
+            .await
+            .expect("connect to the private server");
+        migration::apply(&db, None)
+            .await
+            .expect("migrate the private server");
+        TestDb {
+            db,
+            url,
+            backend,
+            cleanup: Cleanup::Server { admin_url, name },
+        }
+    }
 }

@@ -173,8 +173,9 @@ where
     S: AsRef<str>,
 {
     let messages: Vec<S> = messages.into_iter().collect();
+    // About 10 s of retries in all: enough to ride out a server restart.
     let policy = RetryPolicy {
-        max_attempts: 8,
+        max_attempts: 14,
         base_delay: Duration::from_millis(50),
         max_delay: Duration::from_secs(2),
     };
