@@ -39,14 +39,13 @@ pub async fn kill_connections(admin: &DatabaseConnection, db_name: &str) -> u32 
                 .unwrap_or_default();
             let mut n = 0;
             for row in ids {
-                if let Ok(id) = row.try_get::<i64>("", "id") {
-                    if admin
+                if let Ok(id) = row.try_get::<i64>("", "id")
+                    && admin
                         .execute_unprepared(&format!("KILL {id}"))
                         .await
                         .is_ok()
-                    {
-                        n += 1;
-                    }
+                {
+                    n += 1;
                 }
             }
             n
