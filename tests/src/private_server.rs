@@ -11,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::Backend;
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement};
 
 /// A private server; stopped and its files removed on drop.
 pub struct PrivateServer {
@@ -240,4 +241,52 @@ impl Drop for PrivateServer {
         let _ = self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Kills every connection to `db_name` except the killer's own; returns how many.
+pub async fn kill_connections(admin: &DatabaseConnection, db_name: &str) -> u32 {
+    let backend = admin.get_database_backend();
+    match backend {
+        DbBackend::Postgres => {
+            let rows = admin
+                .query_all_raw(Statement::from_sql_and_values(
+                    backend,
+                    "SELECT pg_terminate_backend(pid) AS k FROM pg_stat_activity \
+                     WHERE datname = $1 AND pid <> pg_backend_pid()",
+                    [db_name.into()],
+                ))
+                .await
+                .unwrap_or_default();
+            rows.len() as u32
+        }
+        _ => {
+            let ids = admin
+                .query_all_raw(Statement::from_sql_and_values(
+                    backend,
+                    "SELECT id FROM information_schema.processlist WHERE db = ? AND id <> CONNECTION_ID()",
+                    [db_name.into()],
+                ))
+                .await
+                .unwrap_or_default();
+            let mut n = 0;
+            for row in ids {
+                if let Ok(id) = row.try_get::<i64>("", "id")
+                    && admin
+                        .execute_unprepared(&format!("KILL {id}"))
+                        .await
+                        .is_ok()
+                {
+                    n += 1;
+                }
+            }
+            n
+        }
+    }
+}
+
+/// The database named in `url`'s path.
+pub fn database_name(url: &str) -> String {
+    url::Url::parse(url)
+        .map(|u| u.path().trim_start_matches('/').to_owned())
+        .unwrap_or_default()
 }

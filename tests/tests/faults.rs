@@ -5,53 +5,11 @@
 use run_domain::{LogCursor, NewRun, append_run_logs_idempotent, create_run, read_run_log_after};
 use run_engine_tests::private_server::PrivateServer;
 use run_engine_tests::{Backend, TestDb};
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 use uuid::Uuid;
-
-/// Kills every connection to `db_name` except the killer's own; returns how many.
-pub async fn kill_connections(admin: &DatabaseConnection, db_name: &str) -> u32 {
-    let backend = admin.get_database_backend();
-    match backend {
-        DbBackend::Postgres => {
-            let rows = admin
-                .query_all_raw(Statement::from_sql_and_values(
-                    backend,
-                    "SELECT pg_terminate_backend(pid) AS k FROM pg_stat_activity \
-                     WHERE datname = $1 AND pid <> pg_backend_pid()",
-                    [db_name.into()],
-                ))
-                .await
-                .unwrap_or_default();
-            rows.len() as u32
-        }
-        _ => {
-            let ids = admin
-                .query_all_raw(Statement::from_sql_and_values(
-                    backend,
-                    "SELECT id FROM information_schema.processlist WHERE db = ? AND id <> CONNECTION_ID()",
-                    [db_name.into()],
-                ))
-                .await
-                .unwrap_or_default();
-            let mut n = 0;
-            for row in ids {
-                if let Ok(id) = row.try_get::<i64>("", "id")
-                    && admin
-                        .execute_unprepared(&format!("KILL {id}"))
-                        .await
-                        .is_ok()
-                {
-                    n += 1;
-                }
-            }
-            n
-        }
-    }
-}
 
 fn database_name(url: &str) -> String {
     url::Url::parse(url)
@@ -81,7 +39,7 @@ async fn appends_survive(backend: Backend) {
     .await
     .expect("run");
     let admin_url = server.url();
-    let name = database_name(&t.url);
+    let name = run_engine_tests::private_server::database_name(&t.url);
 
     const WRITERS: usize = 4;
     const BATCHES: usize = 150;
@@ -93,7 +51,10 @@ async fn appends_survive(backend: Backend) {
         tokio::spawn(async move {
             while !stop.load(Ordering::SeqCst) {
                 if let Ok(admin) = run_domain::connect(&admin_url).await {
-                    kills.fetch_add(kill_connections(&admin, &name).await, Ordering::SeqCst);
+                    kills.fetch_add(
+                        run_engine_tests::private_server::kill_connections(&admin, &name).await,
+                        Ordering::SeqCst,
+                    );
                     admin.close().await.ok();
                 }
                 // Fault cadence, not synchronisation.
