@@ -11,14 +11,6 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 use uuid::Uuid;
 
-fn database_name(url: &str) -> String {
-    url::Url::parse(url)
-        .expect("url")
-        .path()
-        .trim_start_matches('/')
-        .to_owned()
-}
-
 async fn appends_survive(backend: Backend) {
     if backend.server_url().is_none() {
         return; // this backend is not under test here (outside CI)
