@@ -153,7 +153,7 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<str>,
 {
-    append_run_logs_idempotent(db, run_id, Uuid::new_v4(), messages).await
+    append_batch(db, run_id, Uuid::new_v4(), messages, true).await
 }
 
 /// Like [`append_run_logs`] under a batch id the caller chose: appending the same batch id again
@@ -172,6 +172,23 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<str>,
 {
+    append_batch(db, run_id, batch_id, messages, false).await
+}
+
+/// `fresh_id`: the batch id was just drawn at random, so its first try need not look for an
+/// earlier one (saving a round trip while the head is locked); retries always look.
+async fn append_batch<C, I, S>(
+    db: &C,
+    run_id: Uuid,
+    batch_id: Uuid,
+    messages: I,
+    fresh_id: bool,
+) -> Result<AppendReceipt, LogError>
+where
+    C: ConnectionTrait + TransactionTrait,
+    I: IntoIterator<Item = S>,
+    S: AsRef<str>,
+{
     let messages: Vec<S> = messages.into_iter().collect();
     // About 10 s of retries in all: enough to ride out a server restart.
     let policy = RetryPolicy {
@@ -181,7 +198,8 @@ where
     };
     let mut attempt = 1;
     loop {
-        match append_once(db, run_id, batch_id, &messages).await {
+        let look_for_earlier_try = !fresh_id || attempt > 1;
+        match append_once(db, run_id, batch_id, &messages, look_for_earlier_try).await {
             // SAFETY(idempotency): a retried batch whose first try committed is found by its
             // batch id and not written again.
             Err(LogError::Database(e)) if is_transient(&e) && attempt < policy.max_attempts => {
@@ -198,6 +216,7 @@ async fn append_once<C, S>(
     run_id: Uuid,
     batch_id: Uuid,
     messages: &[S],
+    look_for_earlier_try: bool,
 ) -> Result<AppendReceipt, LogError>
 where
     C: ConnectionTrait + TransactionTrait,
@@ -237,12 +256,16 @@ where
 
     // SAFETY(idempotency): the head's row lock is held, so a concurrent retry of the same
     // batch waits here until this one commits or rolls back, then sees its rows.
-    if let Some(first) = run_log::Entity::find()
-        .filter(run_log::Column::BatchId.eq(batch_id))
-        .order_by_asc(run_log::Column::LineNo)
-        .one(&tx)
-        .await?
-    {
+    let earlier = if look_for_earlier_try {
+        run_log::Entity::find()
+            .filter(run_log::Column::BatchId.eq(batch_id))
+            .order_by_asc(run_log::Column::LineNo)
+            .one(&tx)
+            .await?
+    } else {
+        None
+    };
+    if let Some(first) = earlier {
         tx.rollback().await?;
         if first.run_id != run_id {
             return Err(LogError::BatchMismatch { batch_id });
