@@ -1,1 +1,55 @@
-//! x
+//! run-engine's reference executor: runs a run's stories in parallel, with any number of worker
+//! tasks in any number of processes on one database, and the `run-engine` command-line tool.
+//!
+//! Every state change goes through [`run_domain`]'s compare-and-swap and lifecycle API; this
+//! crate only reads with plain queries.
+//!
+//! - [`plan`]: the TOML plan file, its validation, and turning it into a run ([`Plan`]).
+//! - [`lease`]: claiming a story with a lease, renewing it, taking over an expired one, and
+//!   releasing it with a result ([`try_claim`], [`renew_lease`], [`release`]).
+//! - [`executor`]: N workers per process that claim, run and record stories ([`Executor`]).
+//! - [`handler`]: what a story does when it runs ([`StoryHandler`], [`StoryContext`]).
+//! - [`shell`]: the command-line tool's handler, `sh -c <command>` ([`ShellHandler`]).
+//! - [`log_sink`]: a story's output, batched into the run log ([`LogSink`]).
+//! - [`finish`]: completing epics and runs once their stories are done.
+//! - [`cancel`]: cancelling a run ([`cancel_run`]).
+//! - [`status`]: counts, progress and the run/epic/story tree ([`RunTree`]).
+//!
+//! ```no_run
+//! use run_engine::{Executor, ExecutorConfig, Plan, ShellHandler, create_run_from_plan};
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let db = run_domain::connect(run_domain::DEFAULT_DATABASE_URL).await?;
+//! migration::apply(&db, None).await?;
+//! let plan = Plan::load("examples/plan.toml")?;
+//! let run = create_run_from_plan(&db, &plan).await?;
+//! let executor = Executor::new(db, ShellHandler::default(), ExecutorConfig::default().workers(4));
+//! let summary = executor.execute(run.id).await?;
+//! println!("{summary}");
+//! # Ok(()) }
+//! ```
+
+pub mod cancel;
+pub mod error;
+pub mod executor;
+pub mod finish;
+pub mod handler;
+pub mod lease;
+pub mod log_sink;
+pub mod plan;
+pub mod shell;
+pub mod status;
+
+pub use cancel::{CancelReport, cancel_leftovers, cancel_run};
+pub use error::EngineError;
+pub use executor::{
+    Executor, ExecutorConfig, ExecutorEvent, Shutdown, ShutdownLevel, StoryRef, Summary,
+    default_worker_prefix,
+};
+pub use finish::{finish_epic_if_done, finish_run_if_done, settle_run, start_epic, start_run};
+pub use handler::{CancelHandle, Cancellation, StoryContext, StoryHandler, StoryOutcome};
+pub use lease::{Claim, Lease, Release, TryClaim, expired_leases, pending_candidates};
+pub use lease::{give_back, release, renew_lease, try_claim};
+pub use log_sink::{LogSink, LogSinkError};
+pub use plan::{Plan, PlanEpic, PlanError, PlanProblem, PlanStory, create_run_from_plan};
+pub use shell::ShellHandler;
+pub use status::{EpicView, RunTree, RunView, StoryCounts, StoryView, load_run_tree};

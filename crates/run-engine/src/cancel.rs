@@ -1,0 +1,137 @@
+//! Cancelling a run: no new work is claimed, waiting work is cancelled, and running work is
+//! stopped by the workers that hold it.
+
+use crate::error::EngineError;
+use crate::finish::settle_run;
+use crate::lease::lease_expired;
+use crate::status::StoryCounts;
+use chrono::{DateTime, Utc};
+use entity::{run, run_story};
+use run_domain::{
+    Changes, ConcurrencyError, Lifecycle, RetryPolicy, RunStatus, StoryStatus, TransitionError,
+    VersionedUpdate, retry, transition, transition_with,
+};
+use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, TransactionTrait};
+use uuid::Uuid;
+
+/// What [`cancel_run`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CancelReport {
+    /// The run as it is now.
+    pub run: run::Model,
+    /// False when the run was already cancelled.
+    pub newly_cancelled: bool,
+    /// Stories this call cancelled (pending ones, and running ones whose lease had expired).
+    pub stories_cancelled: u64,
+    /// Stories still running under a live lease: their workers see the cancellation within a
+    /// second or so, stop them, and record them cancelled.
+    pub still_running: u64,
+}
+
+/// Cancels the run: it becomes cancelled (workers stop claiming its stories), its pending
+/// stories and the running ones nobody holds any more (expired lease) are cancelled, and epics
+/// left with only finished stories are finished. Cancelling a cancelled run again only sweeps;
+/// a completed or failed run is refused with [`EngineError::RunFinished`].
+///
+/// ```no_run
+/// # async fn demo(db: &sea_orm::DatabaseConnection, run_id: uuid::Uuid) -> Result<(), run_engine::EngineError> {
+/// let report = run_engine::cancel_run(db, run_id).await?;
+/// println!("{} stories cancelled, {} still stopping", report.stories_cancelled, report.still_running);
+/// # Ok(()) }
+/// ```
+pub async fn cancel_run<C>(db: &C, run_id: Uuid) -> Result<CancelReport, EngineError>
+where
+    C: ConnectionTrait + TransactionTrait,
+{
+    let policy = RetryPolicy::default();
+    let outcome = retry(&policy, |_| async {
+        let run = run::Entity::find_versioned(db, run_id).await?;
+        match RunStatus::parse(&run.status) {
+            Some(RunStatus::Cancelled) => Ok((run, false)),
+            Some(s) if s.is_terminal() => Ok((run, false)),
+            _ => transition::<run::Entity, _>(db, &run, RunStatus::Cancelled)
+                .await
+                .map(|r| (r, true)),
+        }
+    })
+    .await;
+    let (run, newly_cancelled) = match outcome {
+        Ok(v) => v,
+        Err(TransitionError::Concurrency(ConcurrencyError::NotFound { .. })) => {
+            return Err(EngineError::RunNotFound(run_id));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if run.status != RunStatus::Cancelled.as_str() {
+        return Err(EngineError::RunFinished {
+            run_id,
+            status: run.status,
+        });
+    }
+    let stories_cancelled = cancel_leftovers(db, run_id, Utc::now()).await?;
+    let run = settle_run(db, run_id).await?;
+    let still_running = StoryCounts::of_run(db, run_id).await?.running;
+    Ok(CancelReport {
+        run,
+        newly_cancelled,
+        stories_cancelled,
+        still_running,
+    })
+}
+
+/// Cancels the stories of a cancelled run that no worker will: the pending ones, and the
+/// running ones whose lease expired before `now`. Returns how many it cancelled. A story that
+/// a worker claims meanwhile is left to that worker.
+pub async fn cancel_leftovers<C>(
+    db: &C,
+    run_id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<u64, EngineError>
+where
+    C: ConnectionTrait + TransactionTrait,
+{
+    let stories = run_story::Entity::find()
+        .filter(run_story::Column::RunId.eq(run_id))
+        .filter(
+            run_story::Column::Status
+                .is_in([StoryStatus::Pending.as_str(), StoryStatus::Running.as_str()]),
+        )
+        .all(db)
+        .await?;
+    let policy = RetryPolicy::default();
+    let mut cancelled = 0;
+    for story in stories {
+        let id = story.id;
+        let done = retry(&policy, |attempt| {
+            let first = (attempt == 1).then(|| story.clone());
+            async move {
+                let current = match first {
+                    Some(s) => s,
+                    None => run_story::Entity::find_versioned(db, id).await?,
+                };
+                let claimable =
+                    current.status == StoryStatus::Pending.as_str() || lease_expired(&current, now);
+                if !claimable {
+                    return Ok(false);
+                }
+                transition_with::<run_story::Entity, _>(
+                    db,
+                    &current,
+                    StoryStatus::Cancelled,
+                    Changes::new().set(run_story::Column::LeaseExpiresAt, None::<DateTime<Utc>>),
+                )
+                .await
+                .map(|_| true)
+            }
+        })
+        .await;
+        match done {
+            Ok(true) => cancelled += 1,
+            Ok(false) => {}
+            Err(TransitionError::Illegal { .. })
+            | Err(TransitionError::Concurrency(ConcurrencyError::NotFound { .. })) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(cancelled)
+}

@@ -1,0 +1,545 @@
+//! `run-engine`: create runs from plan files, execute them with parallel workers in any number
+//! of processes, and watch, follow or cancel them.
+//!
+//! The database is `--database-url`, else `DATABASE_URL` (also read from a `.env` file), else a
+//! SQLite file `run-engine.db` in the working directory. Migrations are applied on first use.
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use run_domain::{Lifecycle, LogCursor, RunStatus, read_run_log_after, redact_url};
+use run_engine::{
+    Executor, ExecutorConfig, ExecutorEvent, Plan, ShellHandler, Shutdown, StoryCounts, Summary,
+    cancel_run, create_run_from_plan, load_run_tree,
+};
+use sea_orm::{DatabaseConnection, EntityTrait};
+use std::collections::BTreeSet;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use uuid::Uuid;
+
+/// Exit status of an execution stopped by Ctrl-C or SIGTERM before the run finished.
+const EXIT_INTERRUPTED: u8 = 130;
+/// How often `logs --follow` and the progress bar look at the database.
+const POLL: Duration = Duration::from_millis(250);
+/// Log lines read per query.
+const LOG_PAGE: u64 = 1000;
+
+#[derive(Parser)]
+#[command(
+    name = "run-engine",
+    version,
+    about = "Create, execute, follow and cancel runs of plans",
+    after_help = "The database is --database-url, else DATABASE_URL (also from a .env file), \
+                  else the SQLite file run-engine.db in the working directory."
+)]
+struct Cli {
+    /// Database URL: sqlite://FILE?mode=rwc, postgres://..., mysql://...
+    #[arg(
+        long,
+        global = true,
+        env = "DATABASE_URL",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    database_url: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a run from a plan file and print its id
+    Create {
+        /// The plan (TOML)
+        plan: PathBuf,
+    },
+    /// Execute a run's stories until none is pending or running
+    Exec {
+        /// The run's id
+        run_id: Uuid,
+        #[command(flatten)]
+        exec: ExecArgs,
+    },
+    /// Create a run from a plan file and execute it
+    Run {
+        /// The plan (TOML)
+        plan: PathBuf,
+        #[command(flatten)]
+        exec: ExecArgs,
+    },
+    /// Show a run with its epics and stories
+    Status {
+        /// The run's id
+        run_id: Uuid,
+        /// Print JSON instead of a tree
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a run's log
+    Logs {
+        /// The run's id
+        run_id: Uuid,
+        /// Keep printing new lines until the run has finished
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Cancel a run: nothing new starts, running stories are stopped
+    Cancel {
+        /// The run's id
+        run_id: Uuid,
+    },
+}
+
+#[derive(Args)]
+struct ExecArgs {
+    /// Worker tasks in this process
+    #[arg(long, short, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    workers: u16,
+    /// Seconds a claim holds a story before another worker may take it over (renewed every
+    /// third of it while the story runs)
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    lease_secs: u64,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    load_dotenv();
+    let cli = Cli::parse();
+    let url = cli
+        .database_url
+        .clone()
+        .unwrap_or_else(|| run_domain::DEFAULT_DATABASE_URL.to_owned());
+    match run(cli.command, &url).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {}", scrub_password(&render_error(&e), &url));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `text` with `url` and its password blanked out wherever they appear. The driver quotes an
+/// unparseable URL whole in its error, password included, so this runs on every error message.
+fn scrub_password(text: &str, url: &str) -> String {
+    let mut text = text.replace(url, &redact_url(url));
+    // The password as written: between the user's ':' and the last '@' of the authority.
+    let password = url.split_once("://").and_then(|(_, rest)| {
+        let userinfo = &rest[..rest.rfind('@')?];
+        userinfo.split_once(':').map(|(_, p)| p)
+    });
+    if let Some(password) = password.filter(|p| p.len() >= 3) {
+        text = text.replace(password, "***");
+    }
+    text
+}
+
+/// The error and its causes, `outer: inner`, leaving out a cause whose text an outer error
+/// already quotes (several errors print their source in their own message).
+fn render_error(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let part = cause.to_string();
+        if text.contains(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
+}
+
+/// Reads `.env` if there is one. Its content is never printed: it may hold a password.
+fn load_dotenv() {
+    match dotenvy::dotenv() {
+        Ok(_) => {}
+        Err(e) if e.not_found() => {}
+        Err(dotenvy::Error::LineParse(_, at)) => {
+            eprintln!("warning: .env ignored: syntax error at position {at}");
+        }
+        Err(dotenvy::Error::Io(e)) => eprintln!("warning: .env ignored: {e}"),
+        Err(_) => eprintln!("warning: .env ignored: it holds an invalid value"),
+    }
+}
+
+async fn run(command: Command, url: &str) -> Result<ExitCode> {
+    match command {
+        Command::Create { plan } => {
+            let plan = load_plan(&plan)?;
+            let db = open(url).await?;
+            let run = create_run_from_plan(&db, &plan)
+                .await
+                .context("creating the run")?;
+            println!("{}", run.id);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run { plan: path, exec } => {
+            let plan = load_plan(&path)?;
+            let db = open(url).await?;
+            let run = create_run_from_plan(&db, &plan)
+                .await
+                .context("creating the run")?;
+            eprintln!(
+                "created run {} from {} ({} epics, {} stories)",
+                run.id,
+                path.display(),
+                plan.epics.len(),
+                plan.story_count()
+            );
+            execute(db, run.id, &exec).await
+        }
+        Command::Exec { run_id, exec } => {
+            let db = open(url).await?;
+            execute(db, run_id, &exec).await
+        }
+        Command::Status { run_id, json } => {
+            let db = open(url).await?;
+            let tree = load_run_tree(&db, run_id).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&tree)?);
+            } else {
+                print!("{}", tree.render());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Logs { run_id, follow } => {
+            let db = open(url).await?;
+            logs(&db, run_id, follow).await
+        }
+        Command::Cancel { run_id } => {
+            let db = open(url).await?;
+            let report = cancel_run(&db, run_id).await?;
+            println!(
+                "run {} {}: {} stories cancelled now, {} still running (their workers stop them)",
+                report.run.id,
+                if report.newly_cancelled {
+                    "cancelled"
+                } else {
+                    "was already cancelled"
+                },
+                report.stories_cancelled,
+                report.still_running
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn load_plan(path: &std::path::Path) -> Result<Plan> {
+    // The error names the file, line and field itself.
+    Ok(Plan::load(path)?)
+}
+
+/// Connects and applies any pending migration. Errors show the URL without its password.
+async fn open(url: &str) -> Result<DatabaseConnection> {
+    let db = run_domain::connect(url).await?;
+    migration::apply(&db, None)
+        .await
+        .with_context(|| format!("applying migrations to {}", redact_url(url)))?;
+    Ok(db)
+}
+
+/// Executes a run with a progress display and signal handling; the exit code says how it
+/// ended.
+async fn execute(db: DatabaseConnection, run_id: Uuid, args: &ExecArgs) -> Result<ExitCode> {
+    let config = ExecutorConfig::default()
+        .workers(usize::from(args.workers))
+        .lease(Duration::from_secs(args.lease_secs));
+    let executor = Executor::new(db.clone(), ShellHandler::default(), config);
+    let shutdown = Shutdown::new();
+    let total = StoryCounts::of_run(&db, run_id).await?.total();
+    let display = Arc::new(Display::new(total));
+    let signals = tokio::spawn(handle_signals(shutdown.clone(), display.clone()));
+    let events = tokio::spawn(show_events(executor.subscribe(), display.clone()));
+    let progress = tokio::spawn(show_progress(db.clone(), run_id, display.clone()));
+
+    let result = executor.execute_until(run_id, &shutdown).await;
+    signals.abort();
+    progress.abort();
+    // Let the last events through before the bar goes.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    events.abort();
+    display.finish();
+
+    let summary: Summary = result.with_context(|| format!("executing run {run_id}"))?;
+    println!("{summary}");
+    Ok(if summary.interrupted {
+        ExitCode::from(EXIT_INTERRUPTED)
+    } else if summary.is_completed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// First Ctrl-C: claim nothing new and let running stories finish. Second Ctrl-C or SIGTERM:
+/// stop running stories and give their leases back.
+async fn handle_signals(shutdown: Shutdown, display: Arc<Display>) {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let mut interrupts = 0;
+    loop {
+        let terminate = async {
+            match term.as_mut() {
+                Some(t) => {
+                    t.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => {
+                if r.is_err() {
+                    return;
+                }
+                interrupts += 1;
+                if interrupts == 1 {
+                    display.line(
+                        "interrupted: no new stories start; running ones finish \
+                         (Ctrl-C again to stop them and give their leases back)",
+                    );
+                    shutdown.drain();
+                } else {
+                    display.line("interrupted again: stopping running stories, giving them back");
+                    shutdown.give_back();
+                }
+            }
+            _ = terminate => {
+                display.line("terminated: stopping running stories, giving them back");
+                shutdown.give_back();
+            }
+        }
+    }
+}
+
+/// A progress bar on a terminal, plain lines otherwise.
+struct Display {
+    bar: Option<ProgressBar>,
+    running: Mutex<BTreeSet<String>>,
+}
+
+impl Display {
+    fn new(total: u64) -> Display {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::new(total);
+            let style = ProgressStyle::with_template(
+                "{spinner} {elapsed_precise} [{bar:30}] {pos}/{len} {wide_msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
+            bar.set_style(style);
+            bar.enable_steady_tick(Duration::from_millis(100));
+            bar
+        });
+        Display {
+            bar,
+            running: Mutex::new(BTreeSet::new()),
+        }
+    }
+
+    fn line(&self, text: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(text),
+            None => eprintln!("{text}"),
+        }
+    }
+
+    fn counts(&self, counts: &StoryCounts) {
+        if let Some(bar) = &self.bar {
+            bar.set_length(counts.total());
+            bar.set_position(counts.finished());
+            let running = self
+                .running
+                .lock()
+                .map(|r| r.iter().cloned().collect::<Vec<_>>().join(" "))
+                .unwrap_or_default();
+            let mut msg = format!("{} running", counts.running);
+            if counts.failed > 0 {
+                msg.push_str(&format!(", {} failed", counts.failed));
+            }
+            if !running.is_empty() {
+                msg.push_str(&format!(" | here: {running}"));
+            }
+            bar.set_message(msg);
+        }
+    }
+
+    fn started(&self, story: String) {
+        if let Ok(mut r) = self.running.lock() {
+            r.insert(story);
+        }
+    }
+
+    fn stopped(&self, story: &str) {
+        if let Ok(mut r) = self.running.lock() {
+            r.remove(story);
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+async fn show_events(
+    mut events: tokio::sync::broadcast::Receiver<ExecutorEvent>,
+    display: Arc<Display>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let event = match events.recv().await {
+            Ok(e) => e,
+            Err(RecvError::Lagged(n)) => {
+                display.line(&format!("({n} events not shown)"));
+                continue;
+            }
+            Err(RecvError::Closed) => return,
+        };
+        match event {
+            ExecutorEvent::Started {
+                story,
+                attempt,
+                max_attempts,
+                worker,
+                taken_over_from,
+            } => {
+                let name = story.to_string();
+                if display.bar.is_none() {
+                    let from = taken_over_from
+                        .map(|p| format!(", taken over from {p}"))
+                        .unwrap_or_default();
+                    display.line(&format!(
+                        "started   {name} (attempt {attempt}/{max_attempts} on {worker}{from})"
+                    ));
+                }
+                display.started(name);
+            }
+            ExecutorEvent::Finished {
+                story,
+                status,
+                attempt,
+                max_attempts,
+                elapsed,
+                error,
+                ..
+            } => {
+                let name = story.to_string();
+                display.stopped(&name);
+                let error = error.map(|e| format!(": {e}")).unwrap_or_default();
+                let text = match status {
+                    run_domain::StoryStatus::Pending => {
+                        format!("retrying  {name} (attempt {attempt}/{max_attempts} failed{error})")
+                    }
+                    run_domain::StoryStatus::Completed => {
+                        format!("completed {name} in {:.2}s", elapsed.as_secs_f64())
+                    }
+                    other => format!("{other:<9} {name}{error}"),
+                };
+                display.line(&text);
+            }
+            ExecutorEvent::Fenced { story, worker } => {
+                let name = story.to_string();
+                display.stopped(&name);
+                display.line(&format!(
+                    "fenced    {name}: {worker} lost its lease to another worker; result dropped"
+                ));
+            }
+            ExecutorEvent::GaveBack { story, .. } => {
+                let name = story.to_string();
+                display.stopped(&name);
+                display.line(&format!("gave back {name}"));
+            }
+            ExecutorEvent::EpicFinished { key, status } => {
+                display.line(&format!("epic {key} {status}"));
+            }
+            ExecutorEvent::RunFinished { status } => display.line(&format!("run {status}")),
+            ExecutorEvent::Warning { message } => display.line(&format!("warning: {message}")),
+        }
+    }
+}
+
+async fn show_progress(db: DatabaseConnection, run_id: Uuid, display: Arc<Display>) {
+    if display.bar.is_none() {
+        return;
+    }
+    loop {
+        if let Ok(counts) = StoryCounts::of_run(&db, run_id).await {
+            display.counts(&counts);
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Prints the run's log; with `follow`, keeps polling until the run is finished and its log
+/// read to the end.
+async fn logs(db: &DatabaseConnection, run_id: Uuid, follow: bool) -> Result<ExitCode> {
+    let stdout = std::io::stdout();
+    let mut cursor = LogCursor::START;
+    // Set once the run was seen finished: one more full read after a pause catches lines
+    // appended right after the final transition.
+    let mut finished_seen = false;
+    loop {
+        let finished = if follow {
+            let run = entity::run::Entity::find_by_id(run_id)
+                .one(db)
+                .await?
+                .with_context(|| format!("run {run_id} not found"))?;
+            RunStatus::parse(&run.status).is_some_and(|s| s.is_terminal())
+        } else {
+            false
+        };
+        loop {
+            let page = read_run_log_after(db, run_id, cursor, LOG_PAGE).await?;
+            let mut out = stdout.lock();
+            for entry in &page.entries {
+                if let Err(e) = writeln!(out, "{}", entry.to_line()) {
+                    if e.kind() == std::io::ErrorKind::BrokenPipe {
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    return Err(e).context("writing the log");
+                }
+            }
+            let _ = out.flush();
+            cursor = page.next;
+            if (page.entries.len() as u64) < LOG_PAGE {
+                break;
+            }
+        }
+        if !follow {
+            return Ok(ExitCode::SUCCESS);
+        }
+        if finished {
+            if finished_seen {
+                return Ok(ExitCode::SUCCESS);
+            }
+            finished_seen = true;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::scrub_password;
+
+    #[test]
+    fn passwords_are_scrubbed_from_error_text_even_in_unparseable_urls() {
+        let url = "postgres://app:s3cret@[db/runs";
+        let text = format!("cannot connect: the connection string '{url}' cannot be parsed");
+        let scrubbed = scrub_password(&text, url);
+        assert!(!scrubbed.contains("s3cret"), "{scrubbed}");
+
+        let url = "mysql://app:p%40ss@db:3306/runs";
+        let scrubbed = scrub_password(&format!("error at {url}"), url);
+        assert_eq!(scrubbed, "error at mysql://app:***@db:3306/runs");
+
+        let url = "sqlite://run-engine.db?mode=rwc";
+        assert_eq!(scrub_password("no such table", url), "no such table");
+    }
+}

@@ -1,0 +1,245 @@
+//! The `run-engine` command line: plans, the example plan end to end, status, logs, cancel,
+//! signals, and never printing a password.
+
+mod common;
+
+use common::{ExecProcess, cli, count_status, create, stories, wait_for, write_plan};
+use entity::{run, run_epic};
+use run_engine_tests::each_backend;
+use sea_orm::EntityTrait;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+fn example_plan() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/plan.toml")
+}
+
+#[test]
+fn a_plan_with_errors_is_refused_naming_the_file_line_and_field() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let plan = dir.path().join("broken.toml");
+    std::fs::write(
+        &plan,
+        "name = \"broken\"\n\n[[epics]]\nkey = \"build\"\n\n[[epics.stories]]\nkey = \"compile\"\n\n\
+         [[epics]]\nkey = \"build\"\n[[epics.stories]]\nkey = \"x\"\ncommand = \"true\"\n",
+    )
+    .expect("write");
+    let url = format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("db.sqlite").display()
+    );
+    let (status, stdout, stderr) = cli(&url, &["create", plan.to_str().expect("utf-8")]);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stdout.is_empty());
+    let file = plan.display().to_string();
+    assert!(
+        stderr.contains(&format!(
+            "{file}:7:7: epics[0].stories[0].command: story \"compile\" in epic \"build\" has no command"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "{file}:10:7: epics[1].key: duplicate epic key \"build\" (first used on line 4)"
+        )),
+        "{stderr}"
+    );
+
+    std::fs::write(&plan, "name = \"x\"\n[[epics]]\nkey = 3\n").expect("write");
+    let (status, _, stderr) = cli(&url, &["create", plan.to_str().expect("utf-8")]);
+    assert_eq!(status.code(), Some(1));
+    assert!(stderr.contains(&format!("{file}:3:7: ")), "{stderr}");
+    assert!(stderr.contains("key"), "{stderr}");
+
+    let (status, _, stderr) = cli(&url, &["create", "/nonexistent/plan.toml"]);
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        stderr.contains("cannot read plan /nonexistent/plan.toml"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_database_password_is_never_printed() {
+    // A user that does not exist on the test servers: refused at once, with the URL in the
+    // message. Plus URLs refused before any connection.
+    let mut urls = vec![
+        "postgrex://runner:s3cr3t-pw@127.0.0.1:5432/runs".to_owned(),
+        "postgres://runner:s3cr3t-pw@[127.0.0.1/runs".to_owned(),
+    ];
+    for var in ["RUN_ENGINE_TEST_POSTGRES_URL", "RUN_ENGINE_TEST_MYSQL_URL"] {
+        if let Ok(server) = std::env::var(var)
+            && let Ok(mut url) = url::Url::parse(&server)
+            && url.set_username("runner_does_not_exist").is_ok()
+            && url.set_password(Some("s3cr3t-pw")).is_ok()
+        {
+            urls.push(url.to_string());
+        }
+    }
+    for url in &urls {
+        let (status, stdout, stderr) =
+            cli(url, &["status", "00000000-0000-0000-0000-000000000000"]);
+        assert_eq!(status.code(), Some(1), "{url}: {stderr}");
+        assert!(
+            !stderr.contains("s3cr3t") && !stdout.contains("s3cr3t"),
+            "{stderr}"
+        );
+        assert!(stderr.starts_with("error: "), "{stderr}");
+    }
+    let (_, _, stderr) = cli(
+        &urls[0],
+        &["status", "00000000-0000-0000-0000-000000000000"],
+    );
+    assert!(stderr.contains("runner:***@127.0.0.1:5432"), "{stderr}");
+}
+
+each_backend! {
+    /// The shipped example plan runs to completion; status and logs show it.
+    async fn the_example_plan_runs_to_completion_and_status_and_logs_show_it(t) {
+        let started = Instant::now();
+        let (status, stdout, stderr) =
+            cli(&t.url, &["run", example_plan().to_str().expect("utf-8"), "--workers", "4"]);
+        assert!(status.success(), "run failed: {stderr}");
+        assert!(started.elapsed() < Duration::from_secs(30));
+        assert!(stdout.contains("completed: 12 completed, 0 failed, 0 cancelled of 12"), "{stdout}");
+        let run_id: uuid::Uuid = stderr
+            .lines()
+            .find_map(|l| l.strip_prefix("created run "))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|id| id.parse().ok())
+            .expect("the run id on stderr");
+        assert!(stderr.contains("completed build/compile"), "{stderr}");
+
+        let (status, tree, _) = cli(&t.url, &["status", &run_id.to_string()]);
+        assert!(status.success());
+        assert!(tree.contains("completed, 12/12 finished (100%)"), "{tree}");
+        assert!(tree.contains("├─ build \"Build\": completed, 4/4"), "{tree}");
+        assert!(tree.contains("compile: completed (attempt 1/2"), "{tree}");
+
+        let (status, json, _) = cli(&t.url, &["status", &run_id.to_string(), "--json"]);
+        assert!(status.success());
+        let json: serde_json::Value = serde_json::from_str(&json).expect("json");
+        assert_eq!(json["run"]["status"], "completed");
+        assert_eq!(json["run"]["counts"]["completed"], 12);
+        assert_eq!(json["epics"].as_array().map(Vec::len), Some(3));
+
+        let (status, logs, _) = cli(&t.url, &["logs", &run_id.to_string()]);
+        assert!(status.success());
+        for line in ["[build/compile] compiled", "[test/lint] stderr: lint: 0 warnings", "run example completed"] {
+            assert!(logs.contains(line), "{line} missing from:\n{logs}");
+        }
+        assert!(logs.lines().all(|l| l.starts_with("[20")), "[ts] message lines");
+
+        let (status, followed, _) = cli(&t.url, &["logs", &run_id.to_string(), "--follow"]);
+        assert!(status.success());
+        assert_eq!(followed, logs, "following a finished run prints it once and stops");
+    }
+}
+
+each_backend! {
+    /// `logs --follow` started before the run prints every line as it comes and stops once
+    /// the run has finished.
+    async fn logs_follow_prints_a_running_run_to_its_end(t) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let plan = write_plan(dir.path(), 1, 6, "echo \"out $RUN_ENGINE_STORY\"; sleep 0.2", 1);
+        let run_id = create(&t.url, &plan);
+        let follower = std::process::Command::new(common::bin())
+            .args(["--database-url", &t.url, "logs", "--follow", &run_id.to_string()])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start follower");
+        let mut exec = ExecProcess::start(&t.url, run_id, 2, 30, dir.path());
+        assert!(exec.wait(Duration::from_secs(60)).await.success(), "{}", exec.stderr_text());
+        let out = follower.wait_with_output().expect("follower ends");
+        assert!(out.status.success());
+        let text = String::from_utf8_lossy(&out.stdout);
+        for s in 0..6 {
+            assert!(text.contains(&format!("out e0s00{s}")), "{text}");
+        }
+        assert!(text.trim_end().ends_with("run test completed"), "{text}");
+    }
+}
+
+each_backend! {
+    /// Cancelling a run stops its running stories (their commands are killed), cancels the
+    /// pending ones, and the executing process ends non-zero.
+    async fn cancel_stops_running_stories_and_cancels_pending_ones(t) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let plan = write_plan(dir.path(), 2, 3, "sleep 30", 1);
+        let run_id = create(&t.url, &plan);
+        let mut exec = ExecProcess::start(&t.url, run_id, 2, 30, dir.path());
+        wait_for("two stories running", Duration::from_secs(30), || async {
+            count_status(&t.db, run_id, "running").await == 2
+        })
+        .await;
+        let started = Instant::now();
+        let (status, stdout, stderr) = cli(&t.url, &["cancel", &run_id.to_string()]);
+        assert!(status.success(), "{stderr}");
+        assert!(stdout.contains("cancelled: 4 stories cancelled now, 2 still running"), "{stdout}");
+
+        let status = exec.wait(Duration::from_secs(20)).await;
+        assert_eq!(status.code(), Some(1), "{}", exec.stderr_text());
+        assert!(started.elapsed() < Duration::from_secs(15), "the sleeps were killed");
+        for s in stories(&t.db, run_id).await {
+            assert_eq!(s.status, "cancelled", "{}", s.key);
+        }
+        for e in run_epic::Entity::find().all(&t.db).await.expect("epics") {
+            assert_eq!(e.status, "cancelled", "{}", e.key);
+        }
+        let run = run::Entity::find_by_id(run_id).one(&t.db).await.expect("read").expect("run");
+        assert_eq!(run.status, "cancelled");
+
+        let (status, _, stderr) = cli(&t.url, &["cancel", &run_id.to_string()]);
+        assert!(status.success(), "cancelling again is harmless: {stderr}");
+    }
+}
+
+each_backend! {
+    /// Ctrl-C (SIGINT) lets running stories finish and starts no new ones; SIGTERM stops
+    /// running stories and gives their leases back without counting the attempt. Either way
+    /// the process ends non-zero (130).
+    async fn ctrl_c_drains_and_sigterm_gives_leases_back(t) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let plan = write_plan(dir.path(), 1, 6, "sleep 1", 1);
+        let run_id = create(&t.url, &plan);
+        let mut exec = ExecProcess::start(&t.url, run_id, 2, 30, dir.path());
+        wait_for("two stories running", Duration::from_secs(30), || async {
+            count_status(&t.db, run_id, "running").await == 2
+        })
+        .await;
+        exec.signal("INT");
+        let status = exec.wait(Duration::from_secs(30)).await;
+        assert_eq!(status.code(), Some(130), "{}", exec.stderr_text());
+        let all = stories(&t.db, run_id).await;
+        let completed = all.iter().filter(|s| s.status == "completed").count();
+        let pending = all.iter().filter(|s| s.status == "pending").count();
+        assert_eq!((completed, pending), (2, 4), "the two running stories finished, nothing new started");
+
+        let dir2 = tempfile::tempdir().expect("temp dir");
+        let plan = write_plan(dir2.path(), 1, 4, "sleep 30", 1);
+        let run_id = create(&t.url, &plan);
+        let mut exec = ExecProcess::start(&t.url, run_id, 2, 30, dir2.path());
+        wait_for("two stories running", Duration::from_secs(30), || async {
+            count_status(&t.db, run_id, "running").await == 2
+        })
+        .await;
+        let started = Instant::now();
+        exec.signal("TERM");
+        let status = exec.wait(Duration::from_secs(20)).await;
+        assert_eq!(status.code(), Some(130), "{}", exec.stderr_text());
+        assert!(started.elapsed() < Duration::from_secs(15), "the sleeps were stopped");
+        for s in stories(&t.db, run_id).await {
+            assert_eq!(s.status, "pending", "{}", s.key);
+            assert_eq!(s.attempts, 0, "{}: a given-back attempt is not counted", s.key);
+            assert_eq!(s.lease_owner, None);
+        }
+        // The given-back stories run again later, in full.
+        let mut again = ExecProcess::start(&t.url, run_id, 4, 30, dir2.path());
+        wait_for("four stories running again", Duration::from_secs(30), || async {
+            count_status(&t.db, run_id, "running").await == 4
+        })
+        .await;
+        again.signal("TERM");
+        assert_eq!(again.wait(Duration::from_secs(20)).await.code(), Some(130));
+    }
+}
