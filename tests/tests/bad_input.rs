@@ -101,6 +101,20 @@ async fn a_url_with_a_wrong_scheme_is_refused_by_name() {
         connect("not a url").await,
         Err(ConnectError::InvalidUrl { .. })
     ));
+    // A URL the driver cannot parse: the driver quotes it, the password must not survive.
+    for url in [
+        "postgres://u:hunter2@[host/db",
+        "mysql://u:hunter2@host:notaport/db",
+    ] {
+        let err = connect(url).await.expect_err("unparseable");
+        let mut shown = format!("{err} {err:?}");
+        let mut source = std::error::Error::source(&err);
+        while let Some(s) = source {
+            shown.push_str(&format!(" {s} {s:?}"));
+            source = s.source();
+        }
+        assert!(!shown.contains("hunter2"), "password leaked: {shown}");
+    }
 }
 
 #[tokio::test]

@@ -33,7 +33,7 @@ pub enum ConnectError {
         reason: String,
     },
     /// The server refused or could not be reached.
-    #[error("cannot connect to {url}: {source}")]
+    #[error("cannot connect to {url}")]
     Database {
         /// The URL, password redacted.
         url: String,
@@ -121,9 +121,37 @@ pub async fn connect(url: &str) -> Result<DatabaseConnection, ConnectError> {
     Database::connect(opts)
         .await
         .map_err(|source| ConnectError::Database {
+            source: scrub(source, url, &redacted),
             url: redacted,
-            source,
         })
+}
+
+/// A driver error with `url`'s password removed: drivers quote a URL they cannot parse, and
+/// nothing this crate returns may carry a password.
+fn scrub(err: DbErr, url: &str, redacted: &str) -> DbErr {
+    let Some(password) = password_of(url) else {
+        return err;
+    };
+    let shown = format!("{err} {err:?}");
+    if !shown.contains(&password) && !shown.contains(url) {
+        return err;
+    }
+    DbErr::Custom(
+        err.to_string()
+            .replace(url, redacted)
+            .replace(&password, "***"),
+    )
+}
+
+/// The password in `url`, found even when the URL does not parse.
+fn password_of(url: &str) -> Option<String> {
+    if let Ok(parsed) = url::Url::parse(url) {
+        return parsed.password().map(str::to_owned);
+    }
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let userinfo = &rest[..rest.rfind('@')?];
+    let (_, password) = userinfo.split_once(':')?;
+    (!password.is_empty()).then(|| password.to_owned())
 }
 
 /// True when `err` is worth retrying as is: the connection broke or was killed, the server is

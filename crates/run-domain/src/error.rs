@@ -41,7 +41,7 @@ pub enum ConcurrencyError {
         reason: &'static str,
     },
     /// The database failed.
-    #[error("database error: {0}")]
+    #[error(transparent)]
     Database(#[from] DbErr),
 }
 
@@ -105,7 +105,7 @@ pub enum LogError {
         batch_id: Uuid,
     },
     /// The database failed; nothing of the batch was written.
-    #[error("database error: {0}")]
+    #[error(transparent)]
     Database(#[from] DbErr),
 }
 
@@ -121,6 +121,6 @@ pub enum CreateError {
         id: Uuid,
     },
     /// The database refused (for example a duplicate key within a parent).
-    #[error("database error: {0}")]
+    #[error(transparent)]
     Database(#[from] DbErr),
 }

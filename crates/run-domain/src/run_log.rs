@@ -222,13 +222,12 @@ where
     C: ConnectionTrait + TransactionTrait,
     S: AsRef<str>,
 {
-    let logged_at = Utc::now();
     if messages.is_empty() {
         return Ok(AppendReceipt {
             batch_id,
             first_seq: 0,
             last_seq: 0,
-            logged_at,
+            logged_at: Utc::now(),
             written: false,
         });
     }
@@ -279,6 +278,8 @@ where
         });
     }
 
+    // Taken under the head's lock, so timestamps follow `seq` on any one machine's clock.
+    let logged_at = Utc::now();
     let first_seq = last - n + 1;
     // Bound each INSERT by rows and by bytes: MariaDB refuses packets over max_allowed_packet
     // (16 MiB by default), and every backend limits bound parameters.
