@@ -64,26 +64,75 @@ pub enum EngineError {
 }
 
 impl EngineError {
-    /// True when a fresh attempt could succeed (a version conflict or a database error, as
-    /// opposed to a missing run or an unknown status).
+    /// True when a fresh attempt could succeed: a version conflict (after a re-read), or a
+    /// database failure that [`run_domain::connection::is_transient`] calls transient (a
+    /// dropped or killed connection, a restarting server, no pooled connection in time, a
+    /// deadlock victim). A
+    /// missing run, an unknown status, or a database error such as a constraint violation is
+    /// not: trying again would fail the same way.
     pub fn is_transient(&self) -> bool {
+        self.is_conflict() || self.is_transient_db()
+    }
+
+    /// True for a version conflict.
+    pub fn is_conflict(&self) -> bool {
+        matches!(
+            self,
+            EngineError::Concurrency(ConcurrencyError::Conflict { .. })
+                | EngineError::Transition(TransitionError::Concurrency(
+                    ConcurrencyError::Conflict { .. }
+                ))
+        )
+    }
+
+    /// True for a database failure worth retrying as is ([`run_domain::connection::is_transient`]).
+    pub fn is_transient_db(&self) -> bool {
         match self {
-            EngineError::Concurrency(c) => {
-                matches!(
-                    c,
-                    ConcurrencyError::Conflict { .. } | ConcurrencyError::Database(_)
-                )
+            EngineError::Concurrency(c) => c.is_transient_db(),
+            EngineError::Transition(t) => t.is_transient_db(),
+            EngineError::Log(l) => l.is_transient_db(),
+            EngineError::Create(CreateError::Database(e)) | EngineError::Database(e) => {
+                run_domain::connection::is_transient(e)
             }
-            EngineError::Transition(TransitionError::Concurrency(c)) => {
-                matches!(
-                    c,
-                    ConcurrencyError::Conflict { .. } | ConcurrencyError::Database(_)
-                )
-            }
-            EngineError::Log(LogError::Database(_)) => true,
-            EngineError::Create(CreateError::Database(_)) => true,
-            EngineError::Database(_) => true,
+            EngineError::WorkerGaveUp { last, .. } => last.is_transient_db(),
             _ => false,
         }
+    }
+}
+
+/// An error that can say whether it is a transient database failure, worth retrying as is
+/// ([`run_domain::connection::is_transient`] on the [`DbErr`] inside, however deeply wrapped).
+pub trait TransientDb {
+    /// True for a transient database failure.
+    fn is_transient_db(&self) -> bool;
+}
+
+impl TransientDb for DbErr {
+    fn is_transient_db(&self) -> bool {
+        run_domain::connection::is_transient(self)
+    }
+}
+
+impl TransientDb for ConcurrencyError {
+    fn is_transient_db(&self) -> bool {
+        matches!(self, ConcurrencyError::Database(e) if run_domain::connection::is_transient(e))
+    }
+}
+
+impl TransientDb for TransitionError {
+    fn is_transient_db(&self) -> bool {
+        matches!(self, TransitionError::Concurrency(c) if c.is_transient_db())
+    }
+}
+
+impl TransientDb for LogError {
+    fn is_transient_db(&self) -> bool {
+        matches!(self, LogError::Database(e) if run_domain::connection::is_transient(e))
+    }
+}
+
+impl TransientDb for EngineError {
+    fn is_transient_db(&self) -> bool {
+        EngineError::is_transient_db(self)
     }
 }

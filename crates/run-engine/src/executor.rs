@@ -16,26 +16,53 @@
 //!
 //! A worker that loses its lease (its renewal or its release conflicts) is fenced off: it stops
 //! its handler and records nothing. See [`crate::lease`].
+//!
+//! # Database faults
+//!
+//! Every database call a worker makes (candidates, claims, renewals, results, epic and run
+//! completion, log lines) rides out transient failures
+//! ([`run_domain::connection::is_transient`]: a killed connection, a restarting server): it is
+//! tried again with backoff for up to
+//! [`ExecutorConfig::retry_budget`] (30 s). Any other failure surfaces as an [`EngineError`].
+//!
+//! A compare-and-swap whose try failed may still have committed, its answer lost. The worker
+//! then meets a conflict against its own write, re-reads the row and recognises it
+//! ([`crate::lease::claimed_by`], [`crate::lease::still_held`], [`crate::lease::released_by`]):
+//! a claim is kept, a renewal adopted, a result counted as recorded. Lines that say an epic or
+//! the run finished carry a batch id derived from its id, so they are written once whoever
+//! writes them and however often.
+//!
+//! A renewal that fails transiently is tried again sooner than the next one would be; the story
+//! keeps running. Only when no renewal got through for (nine tenths of) a whole lease, after
+//! which another worker may take the story over, does the worker stop its handler (fencing on
+//! time): it then records a completion that the handler finished anyway, or else gives the
+//! story back, in both cases by compare-and-swap from the version it holds, so nothing is
+//! recorded if someone else took the story over meanwhile.
 
 use crate::cancel::cancel_leftovers;
-use crate::error::EngineError;
+use crate::error::{EngineError, TransientDb};
 use crate::finish::{finish_epic_if_done, finish_run_if_done, settle_run, start_epic, start_run};
 use crate::handler::{CancelHandle, Cancellation, StoryContext, StoryHandler, StoryOutcome};
 use crate::lease::{
-    Claim, Lease, Release, TryClaim, expired_leases, give_back, pending_candidates, release,
-    renew_lease, try_claim,
+    Claim, Lease, Release, TryClaim, claimed_by, expired_leases, give_back, pending_candidates,
+    release, released_by, renew_lease, still_held, try_claim,
 };
 use crate::log_sink::LogSink;
+use crate::retry::{backoff, retry_transient};
 use crate::status::StoryCounts;
 use chrono::Utc;
 use entity::{run, run_epic, run_story};
 use run_domain::{
-    ConcurrencyError, Lifecycle, RunStatus, StoryStatus, TransitionError, VersionedUpdate,
-    append_run_logs,
+    ConcurrencyError, EpicStatus, Lifecycle, RunStatus, StoryStatus, TransitionError,
+    VersionedUpdate, append_run_logs_idempotent,
 };
-use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter};
+use sea_orm::{
+    ColumnTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
+};
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -48,10 +75,14 @@ use uuid::Uuid;
 const EXPIRY_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// How often the run's status is read, to notice a cancellation.
 const RUN_WATCH_EVERY: Duration = Duration::from_millis(500);
-/// Consecutive errors after which a worker stops.
+/// Consecutive conflicts after which a worker stops (transient database failures are bounded by
+/// time instead: [`ExecutorConfig::retry_budget`]).
 const MAX_CONSECUTIVE_FAILURES: u32 = 10;
-/// How often a result is tried after database errors (not conflicts).
-const RELEASE_TRIES: u32 = 4;
+/// How often in a row a release may find the story one of our own renewals on.
+const MAX_ADOPTIONS: u32 = 3;
+/// Salts of the batch ids of the lines that say an epic or a run finished.
+const EPIC_LINE_SALT: u128 = 0x5a17_e91c_0000_0000_0000_0000_0000_0001;
+const RUN_LINE_SALT: u128 = 0x5a17_7a11_0000_0000_0000_0000_0000_0002;
 /// Events buffered for slow subscribers.
 const EVENT_BUFFER: usize = 4096;
 
@@ -82,12 +113,24 @@ pub struct ExecutorConfig {
     pub candidate_window: u64,
     /// How long a handler has to stop after it is cancelled before it is dropped.
     pub cancel_grace: Duration,
-    /// Worker ids are `<worker_prefix>-<n>`; by default `<hostname>-<pid>`.
+    /// Worker ids are `<worker_prefix>-<n>`; by default `<hostname>-<pid>`. They must be unique
+    /// among the workers of a run (a worker recognises its own writes by its id, after a lost
+    /// reply): two executors in one process on one run need prefixes of their own.
     pub worker_prefix: String,
+    /// Whether database calls that fail transiently
+    /// ([`run_domain::connection::is_transient`]) are tried again, with backoff, for up to
+    /// [`ExecutorConfig::retry_budget`]. On by default; off, the
+    /// first such failure ends the worker (or drops the result, or the log lines), which is
+    /// only good for showing what the retries are for.
+    pub retry_transient: bool,
+    /// How long one database call is tried again through transient failures before the worker
+    /// gives up on it: long enough to ride out a server restart.
+    pub retry_budget: Duration,
 }
 
 impl Default for ExecutorConfig {
-    /// 4 workers, 30 s leases renewed every 10 s, 250 ms polls, 64 candidates, 10 s grace.
+    /// 4 workers, 30 s leases renewed every 10 s, 250 ms polls, 64 candidates, 10 s grace,
+    /// transient database failures retried for up to 30 s.
     fn default() -> Self {
         ExecutorConfig {
             workers: 4,
@@ -97,6 +140,8 @@ impl Default for ExecutorConfig {
             candidate_window: 64,
             cancel_grace: Duration::from_secs(10),
             worker_prefix: default_worker_prefix(),
+            retry_transient: true,
+            retry_budget: Duration::from_secs(30),
         }
     }
 }
@@ -113,6 +158,32 @@ impl ExecutorConfig {
         self.lease = lease.max(Duration::from_millis(100));
         self.renew_every = self.lease / 3;
         self
+    }
+
+    /// Sets how often a running story's lease is renewed (at least 10 ms); call after
+    /// [`ExecutorConfig::lease`], which resets it to a third of the lease. Renew several times
+    /// per lease, so that renewals that fail during a database outage have time to get through.
+    pub fn renew_every(mut self, every: Duration) -> Self {
+        self.renew_every = every.max(Duration::from_millis(10));
+        self
+    }
+
+    /// Sets whether transient database failures are tried again (see
+    /// [`ExecutorConfig::retry_transient`]).
+    pub fn retry_transient(mut self, retry: bool) -> Self {
+        self.retry_transient = retry;
+        self
+    }
+
+    /// Sets how long a database call is tried again through transient failures.
+    pub fn retry_budget(mut self, budget: Duration) -> Self {
+        self.retry_budget = budget;
+        self
+    }
+
+    /// The retry budget, or `None` when transient failures are not retried.
+    fn budget(&self) -> Option<Duration> {
+        self.retry_transient.then_some(self.retry_budget)
     }
 
     /// Sets how long an idle worker waits before looking again.
@@ -292,8 +363,13 @@ pub struct Summary {
     pub recorded: u64,
     /// Attempts whose result this executor dropped because it had lost the lease.
     pub fenced: u64,
-    /// Stories this executor gave back on shutdown.
+    /// Stories this executor gave back (on shutdown, or when it could not renew their lease).
     pub given_back: u64,
+    /// Database calls this executor tried again after a transient failure.
+    pub retried: u64,
+    /// Writes of this executor whose answer was lost but that had committed (a claim, a
+    /// renewal, a result), recognised on re-reading the row.
+    pub recognised: u64,
     /// True when a shutdown stopped the executor before the run was finished.
     pub interrupted: bool,
     /// How long the execution took.
@@ -327,7 +403,15 @@ impl fmt::Display for Summary {
         if c.pending + c.running > 0 {
             write!(f, ", {} pending, {} running", c.pending, c.running)?;
         }
-        write!(f, " of {} in {:.1}s", c.total(), self.elapsed.as_secs_f64())
+        write!(f, " of {} in {:.1}s", c.total(), self.elapsed.as_secs_f64())?;
+        if self.retried > 0 {
+            write!(
+                f,
+                "; rode out {} transient database failure(s)",
+                self.retried
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -372,6 +456,8 @@ impl fmt::Debug for Executor {
 enum Stop {
     RunCancelled,
     GiveBack,
+    /// No renewal got through for nearly a whole lease: another worker may take the story over.
+    LeaseRunOut,
 }
 
 enum Ending {
@@ -406,7 +492,24 @@ struct Stats {
     recorded: AtomicU64,
     fenced: AtomicU64,
     given_back: AtomicU64,
+    retried: AtomicU64,
+    recognised: AtomicU64,
 }
+
+/// How a renewal went.
+enum Renewal {
+    /// The lease was pushed on (`recognised`: by an earlier try whose answer was lost).
+    Renewed {
+        story: Box<run_story::Model>,
+        recognised: bool,
+    },
+    /// Someone else changed the story: fenced off.
+    Lost(String),
+    /// The database failed; the lease is as it was.
+    Failed(ConcurrencyError),
+}
+
+type RenewalFuture = Pin<Box<dyn Future<Output = Renewal> + Send>>;
 
 /// One execution of one run by this process.
 struct Execution {
@@ -419,7 +522,7 @@ struct Execution {
     run_started: AtomicBool,
     /// Set when a worker stopped on errors: the others claim nothing new.
     worker_failed: AtomicBool,
-    stats: Stats,
+    stats: Arc<Stats>,
 }
 
 impl Executor {
@@ -464,8 +567,11 @@ impl Executor {
     ) -> Result<Summary, EngineError> {
         let started = Instant::now();
         let db = &self.inner.db;
-        let run = run::Entity::find_by_id(run_id)
-            .one(db)
+        let stats = Arc::new(Stats::default());
+        let run = self
+            .retrying(&stats, "reading the run", || {
+                run::Entity::find_by_id(run_id).one(db)
+            })
             .await?
             .ok_or(EngineError::RunNotFound(run_id))?;
         let status = RunStatus::parse(&run.status).ok_or_else(|| EngineError::UnknownStatus {
@@ -473,9 +579,12 @@ impl Executor {
             id: run_id,
             found: run.status.clone(),
         })?;
-        let epic_keys = run_epic::Entity::find()
-            .filter(run_epic::Column::RunId.eq(run_id))
-            .all(db)
+        let epic_keys = self
+            .retrying(&stats, "reading the run's epics", || {
+                run_epic::Entity::find()
+                    .filter(run_epic::Column::RunId.eq(run_id))
+                    .all(db)
+            })
             .await?
             .into_iter()
             .map(|e| (e.id, e.key))
@@ -490,7 +599,7 @@ impl Executor {
             started_epics: Mutex::new(HashSet::new()),
             run_started: AtomicBool::new(status != RunStatus::Pending),
             worker_failed: AtomicBool::new(false),
-            stats: Stats::default(),
+            stats: stats.clone(),
         });
 
         let mut first_error = None;
@@ -524,16 +633,29 @@ impl Executor {
             return Err(e);
         }
 
-        let current = run::Entity::find_by_id(run_id)
-            .one(db)
+        let current = self
+            .retrying(&stats, "reading the run", || {
+                run::Entity::find_by_id(run_id).one(db)
+            })
             .await?
             .ok_or(EngineError::RunNotFound(run_id))?;
         if current.status == RunStatus::Cancelled.as_str() {
-            cancel_leftovers(db, run_id, Utc::now()).await?;
+            self.retrying(&stats, "cancelling what is left of the run", || {
+                cancel_leftovers(db, run_id, Utc::now())
+            })
+            .await?;
         }
-        let run = settle_run(db, run_id).await?;
-        let counts = StoryCounts::of_run(db, run_id).await?;
-        let stats = &execution.stats;
+        let run = self
+            .retrying(&stats, "settling the run", || settle_run(db, run_id))
+            .await?;
+        // A worker that could not write the lines that say the epics and the run finished
+        // (or a run settled here) gets them written now; written before, they are not again.
+        execution.log_finish_lines(&run).await;
+        let counts = self
+            .retrying(&stats, "counting the run's stories", || {
+                StoryCounts::of_run(db, run_id)
+            })
+            .await?;
         Ok(Summary {
             run_id,
             run_status: run.status,
@@ -541,9 +663,31 @@ impl Executor {
             recorded: stats.recorded.load(Ordering::Relaxed),
             fenced: stats.fenced.load(Ordering::Relaxed),
             given_back: stats.given_back.load(Ordering::Relaxed),
+            retried: stats.retried.load(Ordering::Relaxed),
+            recognised: stats.recognised.load(Ordering::Relaxed),
             interrupted: shutdown.level() != ShutdownLevel::Running && counts.unfinished() > 0,
             elapsed: started.elapsed(),
         })
+    }
+}
+
+impl Executor {
+    /// `op` through transient failures, within the retry budget; each retry counted and warned
+    /// about.
+    async fn retrying<T, E, F, Fut>(&self, stats: &Stats, what: &str, op: F) -> Result<T, E>
+    where
+        E: TransientDb + fmt::Display,
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        retry_transient(self.inner.config.budget(), op, |e| {
+            stats.retried.fetch_add(1, Ordering::Relaxed);
+            let _ = self.inner.events.send(ExecutorEvent::Warning {
+                message: format!("{what} failed, trying again: {e}"),
+            });
+        })
+        .await
+        .0
     }
 }
 
@@ -607,17 +751,83 @@ impl Execution {
             || self.worker_failed.load(Ordering::Relaxed)
     }
 
+    /// `op` through transient failures, within the retry budget; each retry counted and warned
+    /// about. Returns the result and how many tries failed before it.
+    async fn retrying<T, E, F, Fut>(&self, what: &str, op: F) -> (Result<T, E>, u32)
+    where
+        E: TransientDb + fmt::Display,
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        retry_transient(self.config().budget(), op, |e| {
+            self.stats.retried.fetch_add(1, Ordering::Relaxed);
+            self.warn(format!("{what} failed, trying again: {e}"));
+        })
+        .await
+    }
+
     /// Appends one run-level line (not about one story).
     async fn log_run_line(&self, line: String) {
-        if let Err(e) = append_run_logs(self.db(), self.run_id, [line.as_str()]).await {
+        self.log_run_line_as(Uuid::new_v4(), line).await;
+    }
+
+    /// Appends one run-level line under `batch_id`: however often this is called with one id,
+    /// by whichever worker or process, the line is written once.
+    async fn log_run_line_as(&self, batch_id: Uuid, line: String) {
+        let (result, _) = self
+            .retrying("appending to the run log", || {
+                append_run_logs_idempotent(self.db(), self.run_id, batch_id, [line.as_str()])
+            })
+            .await;
+        if let Err(e) = result {
             self.warn(format!("could not append to the run log: {e}"));
         }
+    }
+
+    /// Writes the lines that say the run's epics and the run finished, for those that did;
+    /// lines already written are not written again (their batch ids come from the ids).
+    async fn log_finish_lines(&self, run: &run::Model) {
+        let (epics, _) = self
+            .retrying("reading the run's epics", || {
+                run_epic::Entity::find()
+                    .filter(run_epic::Column::RunId.eq(self.run_id))
+                    .order_by_asc(run_epic::Column::Position)
+                    .all(self.db())
+            })
+            .await;
+        let Ok(epics) = epics else { return };
+        for epic in &epics {
+            if EpicStatus::parse(&epic.status).is_some_and(|s| s.is_terminal()) {
+                self.log_epic_finished(epic).await;
+            }
+        }
+        if RunStatus::parse(&run.status).is_some_and(|s| s.is_terminal()) {
+            self.log_run_finished(run).await;
+        }
+    }
+
+    async fn log_epic_finished(&self, epic: &run_epic::Model) {
+        self.log_run_line_as(
+            finish_line_batch(epic.id, EPIC_LINE_SALT),
+            format!("epic {} {}", epic.key, epic.status),
+        )
+        .await;
+    }
+
+    async fn log_run_finished(&self, run: &run::Model) {
+        let line = match &run.error {
+            Some(error) => format!("run {} {}: {error}", run.key, run.status),
+            None => format!("run {} {}", run.key, run.status),
+        };
+        self.log_run_line_as(finish_line_batch(run.id, RUN_LINE_SALT), line)
+            .await;
     }
 
     /// One worker's loop; see the module docs.
     async fn work(self: Arc<Self>, n: usize) -> Result<(), EngineError> {
         let lease = Lease::new(self.worker_id(n), self.config().lease);
         let mut failures = 0u32;
+        let mut failing_since: Option<Instant> = None;
         let mut last_expiry_check: Option<Instant> = None;
         let mut shutdown = self.shutdown.subscribe();
         let mut run_status = self.run_status.clone();
@@ -633,17 +843,18 @@ impl Execution {
                 },
                 other => other,
             };
+            if step.is_ok() {
+                failures = 0;
+                failing_since = None;
+            }
             match step {
                 Ok(Step::Claimed(claim)) => {
-                    failures = 0;
                     self.run_story(*claim, &lease).await;
                 }
                 Ok(Step::Contended) => {
-                    failures = 0;
                     tokio::time::sleep(Duration::from_millis(fastrand::u64(0..=5))).await;
                 }
                 Ok(Step::Idle) => {
-                    failures = 0;
                     // Jitter, so that idle workers of many processes do not poll in step.
                     let poll = self.config().poll_interval;
                     let wait = poll.mul_f64(0.5 + fastrand::f64());
@@ -655,7 +866,17 @@ impl Execution {
                 }
                 Err(e) => {
                     failures += 1;
-                    if !e.is_transient() || failures >= MAX_CONSECUTIVE_FAILURES {
+                    let since = *failing_since.get_or_insert_with(Instant::now);
+                    // Transient database failures: for as long as the budget allows (a server
+                    // restart); conflicts: a few times; anything else: not at all.
+                    let again = if e.is_transient_db() {
+                        self.config()
+                            .budget()
+                            .is_some_and(|budget| since.elapsed() < budget)
+                    } else {
+                        e.is_conflict() && failures < MAX_CONSECUTIVE_FAILURES
+                    };
+                    if !again {
                         self.worker_failed.store(true, Ordering::Relaxed);
                         return Err(EngineError::WorkerGaveUp {
                             worker: lease.owner.clone(),
@@ -663,12 +884,14 @@ impl Execution {
                             last: Box::new(e),
                         });
                     }
+                    if e.is_transient_db() {
+                        self.stats.retried.fetch_add(1, Ordering::Relaxed);
+                    }
                     self.warn(format!(
                         "worker {} will try again after an error: {e}",
                         lease.owner
                     ));
-                    let backoff = Duration::from_millis(100 * u64::from(failures));
-                    tokio::time::sleep(backoff).await;
+                    tokio::time::sleep(backoff(failures)).await;
                 }
             }
         }
@@ -708,13 +931,45 @@ impl Execution {
             if self.stop_claiming() {
                 return Ok(Step::Idle);
             }
-            match try_claim(db, candidate, lease, Utc::now()).await? {
-                TryClaim::Claimed(claim) => return Ok(Step::Claimed(Box::new(claim))),
-                TryClaim::Exhausted(story) => self.on_exhausted(story).await,
-                TryClaim::Lost => {}
+            match try_claim(db, candidate, lease, Utc::now()).await {
+                Ok(TryClaim::Claimed(claim)) => return Ok(Step::Claimed(Box::new(claim))),
+                Ok(TryClaim::Exhausted(story)) => self.on_exhausted(story).await,
+                Ok(TryClaim::Lost) => {}
+                Err(e) if e.is_transient_db() => {
+                    return match self.recognise_claim(candidate, lease).await {
+                        Some(claim) => Ok(Step::Claimed(Box::new(claim))),
+                        None => Err(e),
+                    };
+                }
+                Err(e) => return Err(e),
             }
         }
         Ok(Step::Contended)
+    }
+
+    /// A claim of `candidate` failed transiently: it may have committed with its answer lost.
+    /// Then the story is ours and nobody else may claim it before the lease runs out; letting it
+    /// expire would cost an attempt (and fail a story on its last one). Look.
+    async fn recognise_claim(&self, candidate: &run_story::Model, lease: &Lease) -> Option<Claim> {
+        let (now, _) = self
+            .retrying("re-reading a story after a failed claim", || {
+                run_story::Entity::find_versioned(self.db(), candidate.id)
+            })
+            .await;
+        let now = now.ok()?;
+        if !claimed_by(&now, candidate, &lease.owner) {
+            return None;
+        }
+        self.stats.recognised.fetch_add(1, Ordering::Relaxed);
+        let taken_over_from = if candidate.status == StoryStatus::Running.as_str() {
+            candidate.lease_owner.clone()
+        } else {
+            None
+        };
+        Some(Claim {
+            story: now,
+            taken_over_from,
+        })
     }
 
     /// A story whose worker died on its last attempt was marked failed.
@@ -738,7 +993,11 @@ impl Execution {
     /// already finished, so the story must not run.
     async fn ensure_started(&self, story: &run_story::Model) -> Result<bool, EngineError> {
         if !self.run_started.load(Ordering::Relaxed) {
-            let run = start_run(self.db(), self.run_id).await?;
+            // Starting is idempotent (it re-reads, and does nothing to a started run).
+            let (run, _) = self
+                .retrying("starting the run", || start_run(self.db(), self.run_id))
+                .await;
+            let run = run?;
             if run.status != RunStatus::Running.as_str() {
                 return Ok(false);
             }
@@ -752,7 +1011,10 @@ impl Execution {
             .map(|s| s.contains(&story.epic_id))
             .unwrap_or(false);
         if !known {
-            start_epic(self.db(), story.epic_id).await?;
+            let (epic, _) = self
+                .retrying("starting an epic", || start_epic(self.db(), story.epic_id))
+                .await;
+            epic?;
             if let Ok(mut s) = self.started_epics.lock() {
                 s.insert(story.epic_id);
             }
@@ -764,7 +1026,12 @@ impl Execution {
     async fn run_story(&self, claim: Claim, lease: &Lease) {
         let story = claim.story;
         let sref = self.story_ref(&story);
-        let log = LogSink::start(self.db().clone(), self.run_id, format!("[{sref}] "));
+        let log = LogSink::start_with_retry(
+            self.db().clone(),
+            self.run_id,
+            format!("[{sref}] "),
+            self.config().budget(),
+        );
         let worker = lease.owner.clone();
 
         let may_run = match self.ensure_started(&story).await {
@@ -824,9 +1091,20 @@ impl Execution {
             .await;
     }
 
-    /// Runs the handler while renewing the lease; stops it when the lease is lost, the run is
-    /// cancelled, or the process gives its leases back. Returns how it ended and the story as
-    /// this worker last wrote it.
+    /// When this worker must stop the handler if no renewal gets through: a tenth of the lease
+    /// before `held`'s lease runs out (by this process's clock, which wrote it), as clocks and
+    /// the time a statement takes eat into it.
+    fn lease_deadline(&self, held: &run_story::Model, lease: &Lease) -> Instant {
+        let left = held
+            .lease_expires_at
+            .and_then(|t| (t - Utc::now()).to_std().ok())
+            .unwrap_or(Duration::ZERO);
+        Instant::now() + left.saturating_sub(lease.duration / 10)
+    }
+
+    /// Runs the handler while renewing the lease; stops it when the lease is lost (or cannot be
+    /// renewed in time), the run is cancelled, or the process gives its leases back. Returns how
+    /// it ended and the story as this worker last wrote it.
     async fn supervise(
         &self,
         ctx: StoryContext,
@@ -839,6 +1117,11 @@ impl Execution {
         let renew_every = self.config().renew_every;
         let grace = self.config().cancel_grace;
         let mut next_renewal = Instant::now() + renew_every;
+        // A renewal runs beside the handler and the other signals, so that one stuck on a
+        // database that is down cannot keep this loop from stopping the handler in time.
+        let mut renewal: Option<RenewalFuture> = None;
+        let mut renew_failures = 0u32;
+        let mut lease_deadline = self.lease_deadline(&held, lease);
         let mut shutdown = self.shutdown.subscribe();
         let mut run_status = self.run_status.clone();
         let mut shutdown_open = true;
@@ -863,34 +1146,77 @@ impl Execution {
 
         loop {
             let far = Instant::now() + Duration::from_secs(86_400);
+            let renewing = renewal.is_some();
             tokio::select! {
                 joined = &mut task.0 => {
                     let outcome = joined.unwrap_or_else(|e| StoryOutcome::Failed {
                         error: format!("the story handler panicked: {e}"),
                     });
+                    // A renewal still in flight is dropped: if it commits, the release meets
+                    // it as a conflict and recognises it (see `record`).
                     return match fenced {
                         Some(detail) => (Ending::Fenced { detail }, held),
                         None => (Ending::Done { outcome: Some(outcome), stop }, held),
                     };
                 }
-                _ = tokio::time::sleep_until(next_renewal), if fenced.is_none() => {
-                    match renew_lease(self.db(), &held, lease, Utc::now()).await {
-                        Ok(story) => held = story,
-                        Err(e @ (ConcurrencyError::Conflict { .. }
-                            | ConcurrencyError::NotFound { .. })) => {
+                _ = tokio::time::sleep_until(next_renewal), if !renewing && fenced.is_none() => {
+                    let (db, story, lease) = (self.db().clone(), held.clone(), lease.clone());
+                    renewal = Some(Box::pin(async move { renew(&db, &story, &lease).await }));
+                }
+                renewed = async {
+                    match renewal.as_mut() {
+                        Some(r) => r.await,
+                        None => std::future::pending().await,
+                    }
+                }, if renewing => {
+                    renewal = None;
+                    match renewed {
+                        Renewal::Renewed { story, recognised } => {
+                            held = *story;
+                            lease_deadline = self.lease_deadline(&held, lease);
+                            renew_failures = 0;
+                            next_renewal = if recognised {
+                                // The lease written is an earlier try's: push it on at once.
+                                self.stats.recognised.fetch_add(1, Ordering::Relaxed);
+                                Instant::now()
+                            } else {
+                                Instant::now() + renew_every
+                            };
+                        }
+                        Renewal::Lost(detail) => {
                             // SAFETY(fencing): someone else changed the story since our last
                             // write (took it over after our lease expired): stop, record
                             // nothing.
-                            fenced = Some(e.to_string());
+                            fenced = Some(detail);
                             grace_until = Some(Instant::now() + grace);
                             cancel.cancel();
                         }
-                        Err(e) => self.warn(format!(
-                            "{} could not renew its lease on {}: {e}",
-                            lease.owner, held.key
-                        )),
+                        Renewal::Failed(e) => {
+                            renew_failures += 1;
+                            let soon = e.is_transient_db() && self.config().retry_transient;
+                            next_renewal = if soon {
+                                self.stats.retried.fetch_add(1, Ordering::Relaxed);
+                                Instant::now() + backoff(renew_failures).min(renew_every)
+                            } else {
+                                Instant::now() + renew_every
+                            };
+                            self.warn(format!(
+                                "{} could not renew its lease on {}: {e}",
+                                lease.owner, held.key
+                            ));
+                        }
                     }
-                    next_renewal = Instant::now() + renew_every;
+                }
+                _ = tokio::time::sleep_until(lease_deadline), if stop.is_none() && fenced.is_none() => {
+                    // SAFETY(fencing): no renewal got through for nearly a whole lease; once it
+                    // runs out another worker may take the story over, and two must never run
+                    // it at once. Stop the handler; `record` writes only from the version this
+                    // worker holds, so nothing is recorded if someone took the story over.
+                    self.warn(format!(
+                        "{} could not renew its lease on {} in time; stopping it",
+                        lease.owner, held.key
+                    ));
+                    stop_now(Stop::LeaseRunOut, &mut stop, &mut grace_until);
                 }
                 changed = run_status.changed(), if status_open && stop.is_none() && fenced.is_none() => {
                     match changed {
@@ -924,7 +1250,7 @@ impl Execution {
         &self,
         sref: &StoryRef,
         log: &LogSink,
-        held: run_story::Model,
+        mut held: run_story::Model,
         lease: &Lease,
         ending: Ending,
         elapsed: Duration,
@@ -943,8 +1269,11 @@ impl Execution {
             Ending::Done { outcome, stop } => (outcome, stop),
         };
         let how = match (stop, outcome) {
+            // A completion stands even when the lease ran out meanwhile: the release is a
+            // compare-and-swap from the version this worker holds, so it is recorded only if
+            // nobody took the story over (and so nobody else ran it).
             (_, Some(StoryOutcome::Completed)) => Some(Release::Completed),
-            (Some(Stop::GiveBack), _) => None,
+            (Some(Stop::GiveBack | Stop::LeaseRunOut), _) => None,
             (Some(Stop::RunCancelled), _) => Some(Release::Cancelled),
             (None, Some(StoryOutcome::Failed { error })) => Some(Release::Failed { error }),
             (None, Some(StoryOutcome::Cancelled)) => Some(Release::Cancelled),
@@ -952,42 +1281,61 @@ impl Execution {
                 error: "the story handler did not stop".to_owned(),
             }),
         };
-        let mut tries = 0;
+        let started = Instant::now();
+        let mut failures = 0u32;
+        let mut adoptions = 0u32;
         let result = loop {
-            tries += 1;
             let result = match &how {
                 Some(how) => release(self.db(), &held, how.clone()).await,
                 None => give_back(self.db(), &held).await,
             };
             match result {
-                Err(TransitionError::Concurrency(ConcurrencyError::Database(e)))
-                    if tries < RELEASE_TRIES =>
+                Err(TransitionError::Concurrency(e))
+                    if e.is_transient_db()
+                        && self
+                            .config()
+                            .budget()
+                            .is_some_and(|budget| started.elapsed() < budget) =>
                 {
+                    failures += 1;
+                    self.stats.retried.fetch_add(1, Ordering::Relaxed);
                     self.warn(format!("recording {sref} failed, trying again: {e}"));
-                    tokio::time::sleep(Duration::from_millis(200 * u64::from(tries))).await;
+                    tokio::time::sleep(backoff(failures)).await;
                 }
-                // The try before may have committed with its answer lost: then the story is
-                // one version on, in the status this worker wrote.
+                // SAFETY(lost answer): the version moved on. Either a try before this one
+                // committed with its answer lost, or a renewal of ours did (one dropped in
+                // flight when the handler ended), or another worker took the story over:
+                // re-read and tell which.
                 Err(TransitionError::Concurrency(ConcurrencyError::Conflict {
+                    entity,
+                    id,
                     expected,
                     actual,
-                    ..
-                })) if tries > 1 && actual == expected + 1 => {
-                    let target = how
-                        .as_ref()
-                        .map_or(StoryStatus::Pending, |h| h.target(&held));
-                    match run_story::Entity::find_versioned(self.db(), held.id).await {
-                        Ok(now) if now.version == actual && now.status == target.as_str() => {
+                })) => {
+                    let (now, _) = self
+                        .retrying("re-reading a story after a conflict", || {
+                            run_story::Entity::find_versioned(self.db(), held.id)
+                        })
+                        .await;
+                    match now {
+                        Ok(now) if released_by(&now, &held, how.as_ref(), worker) => {
+                            self.stats.recognised.fetch_add(1, Ordering::Relaxed);
                             break Ok(now);
                         }
-                        _ => {
+                        Ok(now) if adoptions < MAX_ADOPTIONS && still_held(&now, &held, worker) => {
+                            self.stats.recognised.fetch_add(1, Ordering::Relaxed);
+                            adoptions += 1;
+                            held = now;
+                        }
+                        Ok(_) => {
                             break Err(TransitionError::Concurrency(ConcurrencyError::Conflict {
-                                entity: "run_story",
-                                id: held.id,
+                                entity,
+                                id,
                                 expected,
                                 actual,
                             }));
                         }
+                        Err(e) => break Err(e.into()),
                     }
                 }
                 other => break other,
@@ -1015,10 +1363,13 @@ impl Execution {
         let attempt = held.attempts;
         if how.is_none() {
             self.stats.given_back.fetch_add(1, Ordering::Relaxed);
-            log.line(format!(
-                "stopped on shutdown; lease given back by {worker}, attempt {attempt} not counted"
-            ))
-            .await;
+            let why = if stop == Some(Stop::LeaseRunOut) {
+                format!("stopped: {worker} could not renew its lease in time; lease given back")
+            } else {
+                format!("stopped on shutdown; lease given back by {worker}")
+            };
+            log.line(format!("{why}, attempt {attempt} not counted"))
+                .await;
             self.emit(ExecutorEvent::GaveBack {
                 story: sref.clone(),
                 worker: worker.clone(),
@@ -1075,31 +1426,120 @@ impl Execution {
 
     /// A story reached a terminal status: finish its epic, then the run, if they are done.
     async fn after_story_finished(&self, story: &run_story::Model) {
-        let epic = match finish_epic_if_done(self.db(), story.epic_id).await {
-            Ok(epic) => epic,
+        let db = self.db();
+        let (finished, failed_tries) = self
+            .retrying("finishing an epic", || {
+                finish_epic_if_done(db, story.epic_id)
+            })
+            .await;
+        let epic = match finished {
+            Ok(Some(epic)) => epic,
+            Ok(None) if failed_tries == 0 => return,
+            // A try that failed may have finished the epic, its answer lost: look. (Should
+            // another worker have finished it meanwhile, both write its line: it is written
+            // once.)
+            Ok(None) => {
+                let (epic, _) = self
+                    .retrying("reading an epic", || {
+                        run_epic::Entity::find_versioned(db, story.epic_id)
+                    })
+                    .await;
+                match epic {
+                    Ok(epic)
+                        if EpicStatus::parse(&epic.status).is_some_and(|s| s.is_terminal()) =>
+                    {
+                        epic
+                    }
+                    _ => return,
+                }
+            }
             Err(e) => {
                 self.warn(format!("could not finish the epic of {}: {e}", story.key));
                 return;
             }
         };
-        let Some(epic) = epic else { return };
-        self.log_run_line(format!("epic {} {}", epic.key, epic.status))
-            .await;
+        self.log_epic_finished(&epic).await;
         self.emit(ExecutorEvent::EpicFinished {
             key: epic.key.clone(),
             status: epic.status.clone(),
         });
-        match finish_run_if_done(self.db(), self.run_id).await {
-            Ok(Some(run)) => {
-                let line = match &run.error {
-                    Some(error) => format!("run {} {}: {error}", run.key, run.status),
-                    None => format!("run {} {}", run.key, run.status),
-                };
-                self.log_run_line(line).await;
-                self.emit(ExecutorEvent::RunFinished { status: run.status });
+        let (finished, failed_tries) = self
+            .retrying("finishing the run", || finish_run_if_done(db, self.run_id))
+            .await;
+        let run = match finished {
+            Ok(Some(run)) => run,
+            Ok(None) if failed_tries == 0 => return,
+            Ok(None) => {
+                let (run, _) = self
+                    .retrying("reading the run", || {
+                        run::Entity::find_versioned(db, self.run_id)
+                    })
+                    .await;
+                match run {
+                    Ok(run) if RunStatus::parse(&run.status).is_some_and(|s| s.is_terminal()) => {
+                        run
+                    }
+                    _ => return,
+                }
             }
-            Ok(None) => {}
-            Err(e) => self.warn(format!("could not finish the run: {e}")),
+            Err(e) => {
+                self.warn(format!("could not finish the run: {e}"));
+                return;
+            }
+        };
+        self.log_run_finished(&run).await;
+        self.emit(ExecutorEvent::RunFinished { status: run.status });
+    }
+}
+
+/// Pushes the lease of `held` on, recognising a renewal of ours whose answer was lost.
+async fn renew(db: &DatabaseConnection, held: &run_story::Model, lease: &Lease) -> Renewal {
+    match renew_lease(db, held, lease, Utc::now()).await {
+        Ok(story) => Renewal::Renewed {
+            story: Box::new(story),
+            recognised: false,
+        },
+        Err(conflict @ ConcurrencyError::Conflict { .. }) => {
+            // SAFETY(lost answer): an earlier renewal whose answer was lost may have committed;
+            // then the story is still ours, a version on. Anything else: taken over.
+            match run_story::Entity::find_versioned(db, held.id).await {
+                Ok(now) if still_held(&now, held, &lease.owner) => Renewal::Renewed {
+                    story: Box::new(now),
+                    recognised: true,
+                },
+                Ok(_) | Err(ConcurrencyError::NotFound { .. }) => {
+                    Renewal::Lost(conflict.to_string())
+                }
+                Err(e) => Renewal::Failed(e),
+            }
         }
+        Err(e @ ConcurrencyError::NotFound { .. }) => Renewal::Lost(e.to_string()),
+        Err(e) => Renewal::Failed(e),
+    }
+}
+
+/// The batch id of the line that says the epic or run `id` finished: derived from the id, so
+/// that whichever worker writes the line, however often, it is written once. A version-8
+/// (custom) UUID, so it never equals the random (version-4) batch id of any other line.
+fn finish_line_batch(id: Uuid, salt: u128) -> Uuid {
+    let bits = id.as_u128() ^ salt;
+    let version = 0xf_u128 << 76;
+    let variant = 0x3_u128 << 62;
+    Uuid::from_u128((bits & !version & !variant) | (0x8 << 76) | (0x2 << 62))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finish_line_batch_ids_are_stable_distinct_and_never_random_ones() {
+        let epic = Uuid::new_v4();
+        let a = finish_line_batch(epic, EPIC_LINE_SALT);
+        assert_eq!(a, finish_line_batch(epic, EPIC_LINE_SALT));
+        assert_ne!(a, finish_line_batch(epic, RUN_LINE_SALT));
+        assert_ne!(a, finish_line_batch(Uuid::new_v4(), EPIC_LINE_SALT));
+        assert_eq!(a.get_version_num(), 8);
+        assert_eq!(a.get_variant(), uuid::Variant::RFC4122);
     }
 }

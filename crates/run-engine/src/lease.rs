@@ -12,6 +12,11 @@
 //! - **Release**: the result is recorded by a transition from the version of the worker's last
 //!   successful renewal ([`release`], [`give_back`]).
 //!
+//! - **Lost answers**: a claim, renewal or release whose try failed with a transient database
+//!   error may have committed all the same, its answer lost. Its worker re-reads the row and
+//!   recognises its own write ([`claimed_by`], [`still_held`], [`released_by`]) instead of
+//!   taking a conflict with itself for a take-over.
+//!
 //! Fencing comes from the version, not from the lease fields: once another worker took the story
 //! over, the version moved on, so every renewal and the release of the old holder conflict, and
 //! its result is dropped.
@@ -225,6 +230,58 @@ where
         }
         _ => Ok(TryClaim::Lost),
     }
+}
+
+/// True when `now` (the story as just re-read) is exactly what claiming `candidate` for
+/// `owner` writes: the next version, running, leased to `owner`, one more attempt. A claim that
+/// failed with a transient error may have committed with its answer lost; this recognises it.
+pub fn claimed_by(now: &run_story::Model, candidate: &run_story::Model, owner: &str) -> bool {
+    now.id == candidate.id
+        && now.version == candidate.version + 1
+        && now.status == StoryStatus::Running.as_str()
+        && now.lease_owner.as_deref() == Some(owner)
+        && now.attempts == candidate.attempts + 1
+}
+
+/// True when `now` (the story as just re-read) is still held by the worker `owner` that last
+/// wrote it as `held`: running, leased to `owner`, and not claimed since (the same attempt
+/// count). Then every write since `held` was that worker's own: a renewal whose answer was
+/// lost (a transient error, or a renewal dropped in flight) that committed all the same.
+///
+/// Why this cannot be someone else's write: a running story changes hands only by a take-over,
+/// which writes the taker's id and counts an attempt. From there on the count never drops
+/// below `held.attempts + 1` (a give-back takes back only the attempt its own claim counted),
+/// and no other worker writes `owner`'s id.
+pub fn still_held(now: &run_story::Model, held: &run_story::Model, owner: &str) -> bool {
+    now.id == held.id
+        && now.version >= held.version
+        && now.status == StoryStatus::Running.as_str()
+        && now.lease_owner.as_deref() == Some(owner)
+        && now.attempts == held.attempts
+}
+
+/// True when `now` (the story as just re-read) is exactly what releasing `held` with `how`
+/// (`None`: giving it back) writes, one version on: a release whose answer was lost but that
+/// committed.
+pub fn released_by(
+    now: &run_story::Model,
+    held: &run_story::Model,
+    how: Option<&Release>,
+    owner: &str,
+) -> bool {
+    let (status, attempts, owner_after) = match how {
+        Some(how) => {
+            let to = how.target(held);
+            let owner_after = (to != StoryStatus::Pending).then_some(owner);
+            (to, held.attempts, owner_after)
+        }
+        None => (StoryStatus::Pending, (held.attempts - 1).max(0), None),
+    };
+    now.id == held.id
+        && now.version == held.version + 1
+        && now.status == status.as_str()
+        && now.attempts == attempts
+        && now.lease_owner.as_deref() == owner_after
 }
 
 /// Someone else got there first: a conflict, a vanished row, or a status the candidate no

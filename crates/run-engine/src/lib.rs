@@ -36,11 +36,12 @@ pub mod handler;
 pub mod lease;
 pub mod log_sink;
 pub mod plan;
+mod retry;
 pub mod shell;
 pub mod status;
 
 pub use cancel::{CancelReport, cancel_leftovers, cancel_run};
-pub use error::EngineError;
+pub use error::{EngineError, TransientDb};
 pub use executor::{
     Executor, ExecutorConfig, ExecutorEvent, Shutdown, ShutdownLevel, StoryRef, Summary,
     default_worker_prefix,
@@ -48,6 +49,7 @@ pub use executor::{
 pub use finish::{finish_epic_if_done, finish_run_if_done, settle_run, start_epic, start_run};
 pub use handler::{CancelHandle, Cancellation, StoryContext, StoryHandler, StoryOutcome};
 pub use lease::{Claim, Lease, Release, TryClaim, expired_leases, pending_candidates};
+pub use lease::{claimed_by, released_by, still_held};
 pub use lease::{give_back, release, renew_lease, try_claim};
 pub use log_sink::{LogSink, LogSinkError};
 pub use plan::{Plan, PlanEpic, PlanError, PlanProblem, PlanStory, create_run_from_plan};

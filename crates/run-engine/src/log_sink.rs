@@ -4,7 +4,13 @@
 //!
 //! A batch is written when it reaches [`LogSink::BATCH_LINES`] lines, when its oldest line has
 //! waited [`LogSink::BATCH_DELAY`], on [`LogSink::flush`], and when the last handle is dropped.
+//!
+//! Each batch gets its id once, before its first try: the append retries transient failures
+//! itself, and the sink tries the same batch id again for up to [`LogSink::RETRY_BUDGET`] after
+//! that, so a batch survives a server restart, and a try that committed with its answer lost is
+//! not written twice.
 
+use crate::retry::retry_transient;
 use run_domain::append_run_logs_idempotent;
 use sea_orm::DatabaseConnection;
 use std::sync::Arc;
@@ -57,6 +63,9 @@ impl LogSink {
     pub const BATCH_LINES: usize = 100;
     /// A batch is written once its oldest line has waited this long.
     pub const BATCH_DELAY: Duration = Duration::from_millis(200);
+    /// How long a batch is tried again through transient database failures before its lines
+    /// are reported dropped (by default; see [`LogSink::start_with_retry`]).
+    pub const RETRY_BUDGET: Duration = Duration::from_secs(30);
 
     /// Starts a sink for `run_id`'s log; every line gets `prefix` in front (may be empty).
     /// Must be called within a tokio runtime.
@@ -69,8 +78,19 @@ impl LogSink {
     /// # Ok(()) }
     /// ```
     pub fn start(db: DatabaseConnection, run_id: Uuid, prefix: impl Into<String>) -> LogSink {
+        LogSink::start_with_retry(db, run_id, prefix, Some(LogSink::RETRY_BUDGET))
+    }
+
+    /// Like [`LogSink::start`], trying a batch again through transient database failures for up
+    /// to `retry` (`None`: only the append's own retries).
+    pub fn start_with_retry(
+        db: DatabaseConnection,
+        run_id: Uuid,
+        prefix: impl Into<String>,
+        retry: Option<Duration>,
+    ) -> LogSink {
         let (tx, rx) = mpsc::channel(CHANNEL_LINES);
-        tokio::spawn(write_batches(db, run_id, rx));
+        tokio::spawn(write_batches(db, run_id, rx, retry));
         LogSink {
             tx,
             prefix: Arc::from(prefix.into()),
@@ -101,7 +121,12 @@ impl LogSink {
     }
 }
 
-async fn write_batches(db: DatabaseConnection, run_id: Uuid, mut rx: mpsc::Receiver<Message>) {
+async fn write_batches(
+    db: DatabaseConnection,
+    run_id: Uuid,
+    mut rx: mpsc::Receiver<Message>,
+    retry: Option<Duration>,
+) {
     let mut batch: Vec<String> = Vec::new();
     let mut oldest: Option<Instant> = None;
     let mut dropped: Option<LogSinkError> = None;
@@ -111,7 +136,7 @@ async fn write_batches(db: DatabaseConnection, run_id: Uuid, mut rx: mpsc::Recei
                 tokio::select! {
                     m = rx.recv() => m,
                     _ = tokio::time::sleep_until(since + LogSink::BATCH_DELAY) => {
-                        write_batch(&db, run_id, &mut batch, &mut dropped).await;
+                        write_batch(&db, run_id, &mut batch, &mut dropped, retry).await;
                         oldest = None;
                         continue;
                     }
@@ -121,19 +146,19 @@ async fn write_batches(db: DatabaseConnection, run_id: Uuid, mut rx: mpsc::Recei
         };
         match message {
             None => {
-                write_batch(&db, run_id, &mut batch, &mut dropped).await;
+                write_batch(&db, run_id, &mut batch, &mut dropped, retry).await;
                 return;
             }
             Some(Message::Line(line)) => {
                 batch.push(line);
                 oldest.get_or_insert_with(Instant::now);
                 if batch.len() >= LogSink::BATCH_LINES {
-                    write_batch(&db, run_id, &mut batch, &mut dropped).await;
+                    write_batch(&db, run_id, &mut batch, &mut dropped, retry).await;
                     oldest = None;
                 }
             }
             Some(Message::Flush(reply)) => {
-                write_batch(&db, run_id, &mut batch, &mut dropped).await;
+                write_batch(&db, run_id, &mut batch, &mut dropped, retry).await;
                 oldest = None;
                 let _ = reply.send(dropped.take().map_or(Ok(()), Err));
             }
@@ -146,14 +171,22 @@ async fn write_batch(
     run_id: Uuid,
     batch: &mut Vec<String>,
     dropped: &mut Option<LogSinkError>,
+    retry: Option<Duration>,
 ) {
     if batch.is_empty() {
         return;
     }
     let lines = std::mem::take(batch);
-    // The append retries transient failures itself, under this one batch id, so a try that
-    // committed but whose answer was lost is not written twice. What fails here failed for good.
-    if let Err(e) = append_run_logs_idempotent(db, run_id, Uuid::new_v4(), &lines).await {
+    // SAFETY(idempotency): one batch id for every try, here and inside the append, so a try
+    // that committed but whose answer was lost is found and not written twice.
+    let batch_id = Uuid::new_v4();
+    let (result, _) = retry_transient(
+        retry,
+        || append_run_logs_idempotent(db, run_id, batch_id, &lines),
+        |_| {},
+    )
+    .await;
+    if let Err(e) = result {
         let lost = dropped.get_or_insert(LogSinkError {
             run_id,
             lines: 0,

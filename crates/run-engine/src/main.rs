@@ -27,6 +27,10 @@ const EXIT_INTERRUPTED: u8 = 130;
 const POLL: Duration = Duration::from_millis(250);
 /// Log lines read per query.
 const LOG_PAGE: u64 = 1000;
+/// How long the database server may take to accept one TCP connection.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a refused connection is tried again (a server starting up).
+const PROBE_PATIENCE: Duration = Duration::from_secs(2);
 
 #[derive(Parser)]
 #[command(
@@ -237,11 +241,81 @@ fn load_plan(path: &std::path::Path) -> Result<Plan> {
 
 /// Connects and applies any pending migration. Errors show the URL without its password.
 async fn open(url: &str) -> Result<DatabaseConnection> {
+    probe_server(url).await?;
     let db = run_domain::connect(url).await?;
     migration::apply(&db, None)
         .await
         .with_context(|| format!("applying migrations to {}", redact_url(url)))?;
     Ok(db)
+}
+
+/// For a PostgreSQL or MariaDB URL naming a host, checks that the server there accepts
+/// connections before the pool tries: the pool would wait out its whole acquire timeout (30 s)
+/// on a refused connection and then say only that it timed out. A server that is just starting
+/// gets a few seconds. Anything else is left to [`run_domain::connect`] to report.
+async fn probe_server(url: &str) -> Result<()> {
+    let Ok(parsed) = url::Url::parse(url) else {
+        return Ok(());
+    };
+    let default_port = match parsed.scheme().to_ascii_lowercase().as_str() {
+        "postgres" | "postgresql" => 5432,
+        "mysql" => 3306,
+        _ => return Ok(()),
+    };
+    // A Unix socket (empty host, or a `host`/`socket` parameter) is not probed.
+    let socket = parsed
+        .query_pairs()
+        .any(|(k, _)| k == "host" || k == "socket");
+    let host = match parsed.host_str() {
+        Some(h) if !h.is_empty() && !socket => h.trim_start_matches('[').trim_end_matches(']'),
+        _ => return Ok(()),
+    };
+    let (host, port) = (host.to_owned(), parsed.port().unwrap_or(default_port));
+    let started = std::time::Instant::now();
+    let unreachable = loop {
+        let (h, p) = (host.clone(), port);
+        let attempt = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            use std::net::ToSocketAddrs;
+            let mut last = None;
+            for addr in (h.as_str(), p).to_socket_addrs()? {
+                match std::net::TcpStream::connect_timeout(&addr, PROBE_TIMEOUT) {
+                    Ok(_) => return Ok(()),
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(last.unwrap_or_else(|| std::io::Error::other("the host name has no address")))
+        })
+        .await
+        .context("probing the database server")?;
+        match attempt {
+            Ok(()) => return Ok(()),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && started.elapsed() < PROBE_PATIENCE =>
+            {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => break e,
+        }
+    };
+    let why = match unreachable.kind() {
+        std::io::ErrorKind::ConnectionRefused => {
+            format!("connection refused (is the server running and listening on port {port}?)")
+        }
+        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => {
+            format!("no answer within {} s", PROBE_TIMEOUT.as_secs())
+        }
+        _ => unreachable.to_string(),
+    };
+    let server = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    anyhow::bail!(
+        "cannot connect to {}: the server {server} cannot be reached: {why}",
+        redact_url(url)
+    )
 }
 
 /// Executes a run with a progress display and signal handling; the exit code says how it

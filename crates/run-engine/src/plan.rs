@@ -233,6 +233,24 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
+/// The byte offsets where the lines of a text start: line numbers of many offsets without
+/// scanning the text for each (a 10,000-story plan has 10,000 keys to place).
+struct LineStarts(Vec<usize>);
+
+impl LineStarts {
+    fn of(text: &str) -> LineStarts {
+        let starts = std::iter::once(0)
+            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+            .collect();
+        LineStarts(starts)
+    }
+
+    /// The 1-based line of byte `offset`.
+    fn line(&self, offset: usize) -> usize {
+        self.0.partition_point(|&start| start <= offset).max(1)
+    }
+}
+
 fn at(text: &str, span: Range<usize>, field: String, message: String) -> PlanProblem {
     let (line, column) = line_column(text, span.start);
     PlanProblem {
@@ -301,6 +319,50 @@ fn check_key(
             field.to_owned(),
             format!("the {what} is longer than {MAX_KEY_LEN} bytes"),
         ));
+    } else if let Some(c) = value.chars().find(|c| c.is_control()) {
+        // Keys name stories in log lines (`[epic/story] ...`) and in terminals.
+        problems.push(at(
+            text,
+            key.span(),
+            field.to_owned(),
+            format!(
+                "the {what} contains the control character {}",
+                describe_char(c)
+            ),
+        ));
+    }
+}
+
+/// `U+0000 (NUL)`-style name of a character.
+fn describe_char(c: char) -> String {
+    let code = u32::from(c);
+    match c {
+        '\0' => format!("U+{code:04X} (NUL)"),
+        '\t' => format!("U+{code:04X} (tab)"),
+        '\n' => format!("U+{code:04X} (line feed)"),
+        '\r' => format!("U+{code:04X} (carriage return)"),
+        _ => format!("U+{code:04X}"),
+    }
+}
+
+/// A NUL character cannot be stored in a PostgreSQL text column, nor passed to a command.
+fn check_no_nul(
+    text: &str,
+    value: &Spanned<String>,
+    field: String,
+    what: &str,
+    problems: &mut Vec<PlanProblem>,
+) -> bool {
+    if value.get_ref().contains('\0') {
+        problems.push(at(
+            text,
+            value.span(),
+            field,
+            format!("the {what} contains a NUL character (U+0000)"),
+        ));
+        false
+    } else {
+        true
     }
 }
 
@@ -321,12 +383,14 @@ fn title_of(
             ));
             String::new()
         }
+        Some(t) if !check_no_nul(text, &t, field, "title", problems) => String::new(),
         Some(t) if !t.get_ref().trim().is_empty() => t.into_inner(),
         _ => default.to_owned(),
     }
 }
 
 fn validate(text: &str, raw: RawPlan, problems: &mut Vec<PlanProblem>) -> Plan {
+    let lines = LineStarts::of(text);
     check_key(text, &raw.name, "name", "plan name", problems);
     let name = raw.name.get_ref().clone();
     let title = title_of(text, raw.title, &name, "title".into(), problems);
@@ -345,7 +409,7 @@ fn validate(text: &str, raw: RawPlan, problems: &mut Vec<PlanProblem>) -> Plan {
         let key_field = format!("{field}.key");
         check_key(text, &epic.key, &key_field, "epic key", problems);
         let key = epic.key.get_ref().clone();
-        let (line, _) = line_column(text, epic.key.span().start);
+        let line = lines.line(epic.key.span().start);
         if let Some(first) = epic_lines.get(&key) {
             problems.push(at(
                 text,
@@ -372,7 +436,7 @@ fn validate(text: &str, raw: RawPlan, problems: &mut Vec<PlanProblem>) -> Plan {
             let skey_field = format!("{sfield}.key");
             check_key(text, &story.key, &skey_field, "story key", problems);
             let skey = story.key.get_ref().clone();
-            let (sline, _) = line_column(text, story.key.span().start);
+            let sline = lines.line(story.key.span().start);
             if let Some(first) = story_lines.get(&skey) {
                 problems.push(at(
                     text,
@@ -400,6 +464,17 @@ fn validate(text: &str, raw: RawPlan, problems: &mut Vec<PlanProblem>) -> Plan {
                         format!("{sfield}.command"),
                         format!("story {skey:?} in epic {key:?} has an empty command"),
                     ));
+                    String::new()
+                }
+                Some(c)
+                    if !check_no_nul(
+                        text,
+                        &c,
+                        format!("{sfield}.command"),
+                        "command",
+                        problems,
+                    ) =>
+                {
                     String::new()
                 }
                 Some(c) => c.into_inner(),
@@ -635,6 +710,39 @@ key = "a"
                 "7:14: epics[0].stories[0].max_attempts: max_attempts must be between 1 and 100, not 0"
             ]
         );
+    }
+
+    #[test]
+    fn control_characters_in_keys_and_nul_anywhere_are_refused() {
+        let got = problems(
+            "name = \"p\\u0000\"\n[[epics]]\nkey = \"a\\nb\"\ntitle = \"t\\u0000\"\n\
+             [[epics.stories]]\nkey = \"s\"\ncommand = \"echo \\u0000\"\n",
+        );
+        assert_eq!(
+            got,
+            [
+                "1:8: name: the plan name contains the control character U+0000 (NUL)",
+                "3:7: epics[0].key: the epic key contains the control character U+000A (line feed)",
+                "4:9: epics[0].title: the title contains a NUL character (U+0000)",
+                "7:11: epics[0].stories[0].command: the command contains a NUL character (U+0000)",
+            ]
+        );
+        // Tabs and newlines in commands and titles are fine (multi-line scripts).
+        Plan::parse(
+            "name='p'\ntitle=\"a\\tb\"\n[[epics]]\nkey='a'\n[[epics.stories]]\nkey='x'\n\
+             command=\"\"\"\necho one\necho two\n\"\"\"\n",
+            "p.toml",
+        )
+        .expect("valid");
+    }
+
+    #[test]
+    fn line_starts_agree_with_line_column() {
+        let text = "a\nbc\n\nd";
+        let starts = LineStarts::of(text);
+        for offset in 0..=text.len() {
+            assert_eq!(starts.line(offset), line_column(text, offset).0, "{offset}");
+        }
     }
 
     #[test]
