@@ -78,8 +78,10 @@ each_backend! {
         let run_id = create(&t.url, &plan);
 
         let mut first = ExecProcess::start(&t.url, run_id, 4, 2, dir.path());
-        wait_for("ten stories completed", Duration::from_secs(30), || async {
+        // Kill while stories are under way (a 0.3 s command each), not between two claims.
+        wait_for("ten stories completed and two running", Duration::from_secs(30), || async {
             count_status(&t.db, run_id, "completed").await >= 10
+                && count_status(&t.db, run_id, "running").await >= 2
         })
         .await;
         first.child.kill().expect("SIGKILL");
