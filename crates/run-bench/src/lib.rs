@@ -1,0 +1,30 @@
+//! run-engine's benchmark suite (issue 5): every figure is measured against its baseline in the
+//! same run, on fresh databases, and written to `BENCHMARKS.md` with two SVG plots.
+//!
+//! Run it with `cargo run --release -p run-bench -- [--quick] [--out BENCHMARKS.md]`.
+//!
+//! - [`bench_db`]: the backends, their servers, and a fresh migrated database per scenario.
+//! - [`measure`]: timing samples, throughput windows, and their median and spread.
+//! - [`log_append`]: one append against the size of the log already there, ours vs a text column.
+//! - [`versioned_update`]: `update_versioned` vs the same statement in plain sqlx.
+//! - [`contention`]: compare-and-swap, retry and row locks under 1, 8 and 32 writers.
+//! - [`append_throughput`]: concurrent appends vs a plain INSERT loop.
+//! - [`executor`]: the hook for the executor's throughput (measured in `crates/run-engine`).
+//! - [`memory`]: peak RSS of streaming a large log vs building it as one `String`.
+//! - [`report`]: tables, goals, the machine description and the markdown file.
+//! - [`plot`]: the SVG charts, drawn by hand.
+
+pub mod append_throughput;
+pub mod bench_db;
+pub mod contention;
+pub mod executor;
+pub mod log_append;
+pub mod measure;
+pub mod memory;
+pub mod plot;
+pub mod report;
+pub mod versioned_update;
+
+pub use bench_db::{Backend, BenchDb, Servers};
+pub use measure::{Profile, Summary};
+pub use report::{Goal, Report, Section};
