@@ -24,9 +24,9 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use entity::{run, run_log, run_log_head};
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Query};
 use sea_orm::{
-    AccessMode, ActiveValue::Set, ColumnTrait, ConnectionTrait, DbBackend, EntityTrait,
-    QueryFilter, QueryOrder, QuerySelect, SqliteTransactionMode, TransactionOptions,
-    TransactionSession, TransactionTrait,
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, QueryFilter,
+    QueryOrder, QuerySelect, SqliteTransactionMode, TransactionOptions, TransactionSession,
+    TransactionTrait,
 };
 use std::time::Duration;
 use uuid::Uuid;
@@ -246,7 +246,7 @@ where
     let tx = db
         .begin_with_options(TransactionOptions {
             isolation_level: None,
-            access_mode: Some(AccessMode::ReadWrite).filter(|_| backend != DbBackend::Sqlite),
+            access_mode: None,
             sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
         })
         .await?;

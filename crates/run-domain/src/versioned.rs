@@ -189,6 +189,11 @@ pub(crate) fn check_reserved<E: Versioned>(changes: &Changes<E>) -> Result<(), C
 }
 
 /// Compare-and-swap operations, implemented for every [`Versioned`] entity.
+///
+/// Cancellation: on MariaDB an update runs as a short transaction (an UPDATE, then a read-back).
+/// Dropping its future mid-flight may hand the connection back to the pool inside that
+/// transaction, so do not race these futures against timers with `select!`; spawn them as tasks
+/// when you may stop waiting.
 #[async_trait]
 pub trait VersionedUpdate: Versioned {
     /// Reads the row with this id; [`ConcurrencyError::NotFound`] when there is none.

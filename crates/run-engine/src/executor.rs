@@ -1161,7 +1161,17 @@ impl Execution {
                 }
                 _ = tokio::time::sleep_until(next_renewal), if !renewing && fenced.is_none() => {
                     let (db, story, lease) = (self.db().clone(), held.clone(), lease.clone());
-                    renewal = Some(Box::pin(async move { renew(&db, &story, &lease).await }));
+                    // Spawned, not merely polled here: a renewal this loop stops waiting for
+                    // still runs to its end, so no statement (on MariaDB, no transaction) is
+                    // ever cut off halfway and its connection handed back mid-transaction.
+                    let task = tokio::spawn(async move { renew(&db, &story, &lease).await });
+                    renewal = Some(Box::pin(async move {
+                        task.await.unwrap_or_else(|e| {
+                            Renewal::Failed(ConcurrencyError::Database(sea_orm::DbErr::Custom(
+                                format!("the lease renewal task ended abnormally: {e}"),
+                            )))
+                        })
+                    }));
                 }
                 renewed = async {
                     match renewal.as_mut() {
