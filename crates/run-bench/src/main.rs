@@ -53,6 +53,8 @@ enum Scenario {
     Contention,
     /// 4: concurrent appends vs a plain INSERT.
     AppendThroughput,
+    /// 5: the executor against a SKIP LOCKED claim loop.
+    Executor,
     /// 6: peak memory of streaming vs building the log.
     Memory,
 }
@@ -151,8 +153,13 @@ async fn run_suite(cli: &Cli) -> anyhow::Result<()> {
         writer_panels = Some(r.chart_panels());
         show(r.section(), &mut sections);
     }
-    // HOOK: the executor's throughput, measured by crates/run-engine once it lands.
-    show(executor::section(), &mut sections);
+    if wanted(Scenario::Executor) {
+        let t = Instant::now();
+        let r = executor::run(&servers, &profile).await;
+        eprintln!("[run-bench] ... took {:.0} s", t.elapsed().as_secs_f64());
+        goals.extend(r.goals());
+        show(r.section(), &mut sections);
+    }
     if wanted(Scenario::Memory) {
         let t = Instant::now();
         let r = memory::run(&servers, &profile).await;
