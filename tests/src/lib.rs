@@ -78,44 +78,49 @@ impl TestDb {
     /// # Panics
     /// When the backend is named but cannot be reached, naming it.
     pub async fn empty(backend: Backend) -> Option<TestDb> {
-        let name = format!("re_test_{}", uuid::Uuid::new_v4().simple());
-        let (url, cleanup) = match backend {
+        match backend {
             Backend::Sqlite => {
+                let name = format!("re_test_{}", uuid::Uuid::new_v4().simple());
                 let path = std::env::temp_dir().join(format!("{name}.db"));
-                (
-                    format!("sqlite://{}?mode=rwc", path.display()),
-                    Cleanup::File(path),
-                )
+                let url = format!("sqlite://{}?mode=rwc", path.display());
+                Some(Self::open(backend, url, Cleanup::File(path)).await)
             }
             Backend::Postgres | Backend::MySql => {
                 let admin_url = backend.server_url()?;
-                let admin = admin_connect(backend, &admin_url).await;
-                let create = match backend {
-                    Backend::Postgres => format!("CREATE DATABASE \"{name}\""),
-                    _ => format!("CREATE DATABASE `{name}`"),
-                };
-                admin.execute_unprepared(&create).await.unwrap_or_else(|e| {
-                    panic!(
-                        "{backend:?} at {}: cannot create a test database: {e}",
-                        run_domain::redact_url(&admin_url)
-                    )
-                });
-                admin.close().await.ok();
-                (
-                    with_database(&admin_url, &name),
-                    Cleanup::Server { admin_url, name },
-                )
+                Some(Self::on_server(backend, admin_url).await)
             }
+        }
+    }
+
+    /// A fresh empty database created on the server of `admin_url`.
+    async fn on_server(backend: Backend, admin_url: String) -> TestDb {
+        let name = format!("re_test_{}", uuid::Uuid::new_v4().simple());
+        let admin = admin_connect(backend, &admin_url).await;
+        let create = match backend {
+            Backend::Postgres => format!("CREATE DATABASE \"{name}\""),
+            _ => format!("CREATE DATABASE `{name}`"),
         };
+        admin.execute_unprepared(&create).await.unwrap_or_else(|e| {
+            panic!(
+                "{backend:?} at {}: cannot create a test database: {e}",
+                run_domain::redact_url(&admin_url)
+            )
+        });
+        admin.close().await.ok();
+        let url = with_database(&admin_url, &name);
+        Self::open(backend, url, Cleanup::Server { admin_url, name }).await
+    }
+
+    async fn open(backend: Backend, url: String, cleanup: Cleanup) -> TestDb {
         let db = run_domain::connect(&url)
             .await
             .unwrap_or_else(|e| panic!("{backend:?}: cannot open the test database: {e}"));
-        Some(TestDb {
+        TestDb {
             db,
             url,
             backend,
             cleanup,
-        })
+        }
     }
 
     /// A fresh database with every migration applied.
@@ -291,31 +296,26 @@ pub async fn new_story(db: &DatabaseConnection) -> entity::run_story::Model {
 impl TestDb {
     /// A fresh migrated database on `server` (a private server the test controls).
     pub async fn migrated_on(server: &private_server::PrivateServer) -> TestDb {
-        let backend = server.backend();
-        let admin_url = server.url();
-        let admin = admin_connect(backend, &admin_url).await;
-        let name = format!("re_test_{}", uuid::Uuid::new_v4().simple());
-        let create = match backend {
-            Backend::Postgres => format!("CREATE DATABASE \"{name}\""),
-            _ => format!("CREATE DATABASE `{name}`"),
-        };
-        admin
-            .execute_unprepared(&create)
-            .await
-            .expect("create database on the private server");
-        admin.close().await.ok();
-        let url = with_database(&admin_url, &name);
-        let db = run_domain::connect(&url)
-            .await
-            .expect("connect to the private server");
-        migration::apply(&db, None)
+        let t = Self::on_server(server.backend(), server.url()).await;
+        migration::apply(&t.db, None)
             .await
             .expect("migrate the private server");
-        TestDb {
-            db,
-            url,
-            backend,
-            cleanup: Cleanup::Server { admin_url, name },
-        }
+        t
     }
+}
+
+/// `SELECT COUNT(*)` of `table`.
+///
+/// # Panics
+/// When the table is gone (which is what tests that feed SQL injection strings check).
+pub async fn count_rows(db: &DatabaseConnection, table: &str) -> i64 {
+    let row = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            format!("SELECT COUNT(*) AS n FROM {table}"),
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("table {table} must still exist: {e}"))
+        .expect("a row");
+    row.try_get::<i64>("", "n").expect("count")
 }

@@ -6,8 +6,7 @@ use run_domain::{
     Changes, ConnectError, LogCursor, NewEpic, NewRun, NewStory, VersionedUpdate, append_run_logs,
     connect, create_epic, create_run, create_stories, read_run_log_after, redact_url,
 };
-use run_engine_tests::{Backend, each_backend};
-use sea_orm::{ConnectionTrait, Statement};
+use run_engine_tests::{Backend, count_rows, each_backend};
 
 const INJECTIONS: &[&str] = &[
     "'; DROP TABLE run; --",
@@ -29,18 +28,7 @@ async fn table_counts(db: &sea_orm::DatabaseConnection) -> Vec<(String, i64)> {
         "run_log",
         "seaql_migrations",
     ] {
-        let row = db
-            .query_one_raw(Statement::from_string(
-                db.get_database_backend(),
-                format!("SELECT COUNT(*) AS n FROM {table}"),
-            ))
-            .await
-            .unwrap_or_else(|e| panic!("table {table} must still exist: {e}"))
-            .expect("row");
-        out.push((
-            table.to_owned(),
-            row.try_get::<i64>("", "n").expect("count"),
-        ));
+        out.push((table.to_owned(), count_rows(db, table).await));
     }
     out
 }

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use migration::idens::{Run, RunEpic, RunLog, RunLogHead, RunStory};
 use migration::{Migrator, MigratorTrait};
 use run_engine_tests::{TestDb, each_backend};
-use sea_orm::{ActiveModelTrait, ConnectionTrait, DatabaseConnection, EntityTrait, Set, Statement};
+use sea_orm::{ActiveModelTrait, ConnectionTrait, DatabaseConnection, EntityTrait, Set};
 use sea_orm_migration::SchemaManager;
 use sea_orm_migration::sea_query::{Iden, IntoIden, Query, SimpleExpr};
 use std::collections::BTreeSet;
@@ -128,27 +128,12 @@ async fn down(t: &TestDb, n: Option<u32>, expect: &[String], step: &str) {
     );
 }
 
-/// The number of rows in `table`, by raw SQL (works at any schema version).
-async fn count(db: &DatabaseConnection, table: &str) -> i64 {
-    let backend = db.get_database_backend();
-    let row = db
-        .query_one_raw(Statement::from_string(
-            backend,
-            format!("SELECT COUNT(*) AS n FROM {table}"),
-        ))
-        .await
-        .unwrap_or_else(|e| panic!("{backend:?}: counting {table}: {e}"))
-        .unwrap_or_else(|| panic!("{backend:?}: COUNT(*) on {table} returned no row"));
-    row.try_get("", "n")
-        .unwrap_or_else(|e| panic!("{backend:?}: reading the count of {table}: {e}"))
-}
-
 /// The row counts of run, run_epic and run_story.
 async fn counts(db: &DatabaseConnection) -> [i64; 3] {
     [
-        count(db, &name(Run::Table)).await,
-        count(db, &name(RunEpic::Table)).await,
-        count(db, &name(RunStory::Table)).await,
+        run_engine_tests::count_rows(db, &name(Run::Table)).await,
+        run_engine_tests::count_rows(db, &name(RunEpic::Table)).await,
+        run_engine_tests::count_rows(db, &name(RunStory::Table)).await,
     ]
 }
 

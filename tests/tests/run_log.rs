@@ -311,13 +311,5 @@ async fn deleting_a_run_deletes_its_log_on_sqlite() {
     run::Entity::delete_versioned(&t.db, run.id, run.version)
         .await
         .expect("delete");
-    let left =
-        t.db.query_one_raw(Statement::from_string(
-            DbBackend::Sqlite,
-            "SELECT COUNT(*) AS n FROM run_log",
-        ))
-        .await
-        .expect("count")
-        .expect("row");
-    assert_eq!(left.try_get::<i64>("", "n").expect("n"), 0);
+    assert_eq!(run_engine_tests::count_rows(&t.db, "run_log").await, 0);
 }

@@ -552,18 +552,6 @@ async fn snapshot(
     )
 }
 
-async fn count_rows(db: &DatabaseConnection, table: &str) -> i64 {
-    let row = db
-        .query_one_raw(Statement::from_string(
-            db.get_database_backend(),
-            format!("SELECT COUNT(*) AS n FROM {table}"),
-        ))
-        .await
-        .unwrap_or_else(|e| panic!("table {table} must still exist: {e}"))
-        .expect("a row");
-    row.try_get::<i64>("", "n").expect("count")
-}
-
 const TABLES: &[&str] = &[
     "run",
     "run_epic",
@@ -576,7 +564,7 @@ const TABLES: &[&str] = &[
 async fn table_counts(db: &DatabaseConnection) -> Vec<i64> {
     let mut out = Vec::new();
     for table in TABLES {
-        out.push(count_rows(db, table).await);
+        out.push(run_engine_tests::count_rows(db, table).await);
     }
     out
 }
@@ -1061,7 +1049,7 @@ async fn bad_input(
 
     let after = snapshot(observer, faulted_run).await;
     assert!(after == before, "bad input harmed the faulted run's data");
-    let migrations = count_rows(observer, "seaql_migrations").await;
+    let migrations = run_engine_tests::count_rows(observer, "seaql_migrations").await;
     assert_eq!(migrations, migration::migration_names().len() as i64);
     took
 }
