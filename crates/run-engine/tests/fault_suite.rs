@@ -34,9 +34,10 @@ use run_domain::{
     VersionedUpdate, create_epic, create_run, create_stories, read_run_log_after,
 };
 use run_engine::{
-    EngineError, Executor, ExecutorConfig, ExecutorEvent, Lease, LogSink, Release, StoryContext,
-    StoryCounts, StoryHandler, StoryOutcome, Summary, TryClaim, cancel_run, claimed_by, give_back,
-    load_run_tree, release, released_by, renew_lease, still_held, try_claim,
+    EngineError, Executor, ExecutorConfig, ExecutorEvent, Lease, LogSink, Release, Shutdown,
+    ShutdownLevel, StoryContext, StoryCounts, StoryHandler, StoryOutcome, Summary, TryClaim,
+    cancel_run, claimed_by, give_back, load_run_tree, release, released_by, renew_lease,
+    still_held, try_claim,
 };
 use run_engine_tests::private_server::{PrivateServer, database_name, kill_connections};
 use run_engine_tests::{Backend, TestDb, each_backend};
@@ -230,8 +231,9 @@ impl Killer {
 /// What one execution under faults did.
 struct FaultedRun {
     run_id: Uuid,
-    /// What the execution returned; `None` when the test stopped it once an error surfaced.
-    result: Option<Result<Summary, EngineError>>,
+    /// What the execution returned (interrupted when the test asked it to stop once an error
+    /// surfaced).
+    result: Result<Summary, EngineError>,
     kill_rounds: u32,
     connections_killed: u32,
     restarts: u32,
@@ -301,9 +303,9 @@ fn suite_config(backend: Backend, retry: bool) -> ExecutorConfig {
 }
 
 /// Executes a fresh 200-story run while connections are killed every 1-2 s, restarting the
-/// server once at about 40 % progress (down for [`DOWN_FOR`]). With `stop_on_error`, stops as
-/// soon as an error surfaced (the variant without retries would otherwise wait for its stuck
-/// leases).
+/// server once at about 40 % progress (down for [`DOWN_FOR`]). With `stop_on_error`, asks the
+/// executor to give its stories back as soon as an error surfaced (the variant without
+/// retries would otherwise wait for its stuck leases) and waits for it to return.
 async fn execute_under_faults(
     server: &mut Option<PrivateServer>,
     t: &TestDb,
@@ -340,25 +342,32 @@ async fn execute_under_faults(
     });
 
     let started = Instant::now();
-    let mut execution = tokio::spawn(async move { executor.execute(run_id).await });
+    let shutdown = Shutdown::new();
+    let execution = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move { executor.execute_until(run_id, &shutdown).await }
+    });
     let killer = Killer::start(admin_url, database_name(&t.url));
     let mut restarts = 0;
     let mut restart_took = Duration::ZERO;
     let deadline = Instant::now() + Duration::from_secs(150);
     let result = loop {
         if execution.is_finished() {
-            break Some(execution.await.expect("executor task"));
+            break execution.await.expect("executor task");
         }
+        // Stopped the way a user stops it (Ctrl-C): the executor returns only once its workers
+        // have given their stories back and flushed their logs, so nothing of this run is still
+        // being written when the caller goes on. (Aborting the task instead would leave log
+        // sinks writing their last lines in the background.)
         if stop_on_error && surfaced.load(Ordering::SeqCst) {
-            execution.abort();
-            let _ = (&mut execution).await;
-            break None;
+            shutdown.give_back();
         }
         assert!(
             Instant::now() < deadline,
             "{backend:?}: the execution did not end within 150 s"
         );
         if restarts == 0
+            && shutdown.level() == ShutdownLevel::Running
             && let Ok(counts) = StoryCounts::of_run(observer, run_id).await
             && counts.finished() >= RESTART_AT
         {
@@ -1104,9 +1113,8 @@ async fn fault_suite(backend: Backend) {
     )
     .await;
     let summary = match &safe.result {
-        Some(Ok(summary)) => summary.clone(),
-        None => unreachable!("the run with retries is never stopped early"),
-        Some(Err(e)) => panic!(
+        Ok(summary) => summary.clone(),
+        Err(e) => panic!(
             "{backend:?}: the execution failed under faults: {e}\nwarnings:\n{}",
             safe.warnings.join("\n")
         ),
@@ -1131,20 +1139,19 @@ async fn fault_suite(backend: Backend) {
         .cloned()
         .collect();
     let unsafe_outcome = match &unsafe_run.result {
-        None => format!(
-            "{} error(s) surfaced, first: {}",
+        Err(e) => format!("the execution failed: {}", first_line(e)),
+        Ok(s) if s.interrupted => format!(
+            "stopped once errors surfaced: {} error(s), first: {}",
             surfaced.len(),
             surfaced.first().map(String::as_str).unwrap_or("?")
         ),
-        Some(Err(e)) => format!("the execution failed: {}", first_line(e)),
-        Some(Ok(s)) => format!("{s}; {} error(s) surfaced", surfaced.len()),
+        Ok(s) => format!("{s}; {} error(s) surfaced", surfaced.len()),
     };
     // Errors surfaced (results, renewals, log lines dropped), or the execution failed on a
     // transient error.
     let unsafe_failed = match &unsafe_run.result {
-        None => !surfaced.is_empty(),
-        Some(Err(e)) => e.is_transient_db(),
-        Some(Ok(s)) => !s.is_completed() || !surfaced.is_empty(),
+        Err(e) => e.is_transient_db(),
+        Ok(s) => !s.is_completed() || !surfaced.is_empty(),
     };
 
     // 3. Bad input, on the faulted run's database.
