@@ -14,6 +14,7 @@ mod m20261128_000001_create_run_tables;
 mod m20261128_000002_add_version_fields_for_concurrency;
 mod m20261128_000003_create_run_log;
 mod m20261128_000004_add_story_execution_fields;
+mod m20261129_000005_index_run_story_epic_status;
 pub mod schema_types;
 
 pub use lock::{MigrationLockError, apply, fresh, rollback, status, with_migration_lock};
@@ -29,6 +30,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261128_000002_add_version_fields_for_concurrency::Migration),
             Box::new(m20261128_000003_create_run_log::Migration),
             Box::new(m20261128_000004_add_story_execution_fields::Migration),
+            Box::new(m20261129_000005_index_run_story_epic_status::Migration),
         ]
     }
 }

@@ -28,7 +28,7 @@ pub use lifecycle::{
 };
 pub use retry::{RetryPolicy, Retryable, retry, update_with_retry};
 pub use run_log::{
-    AppendReceipt, LogCursor, LogEntry, LogPage, append_run_log, append_run_logs,
+    AppendReceipt, LogBatch, LogCursor, LogEntry, LogPage, append_run_log, append_run_logs,
     append_run_logs_idempotent, read_run_log, read_run_log_after, write_run_log,
 };
 pub use versioned::{Changes, Versioned, VersionedUpdate};

@@ -28,6 +28,7 @@ use sea_orm::{
     QueryOrder, QuerySelect, SqliteTransactionMode, TransactionOptions, TransactionSession,
     TransactionTrait,
 };
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -173,6 +174,71 @@ where
     S: AsRef<str>,
 {
     append_batch(db, run_id, batch_id, messages, false).await
+}
+
+/// A batch of lines under an id of its own, written at most once however often it is tried:
+/// what a writer that retries on its own (a log sink riding out a server restart) holds on to.
+///
+/// The id is drawn at random when the batch is made, so its first try cannot meet an earlier
+/// one and skips looking for it (on PostgreSQL the whole append is then one statement); every
+/// later try looks, and writes nothing if an earlier try committed with its answer lost.
+///
+/// ```no_run
+/// # async fn demo(db: &sea_orm::DatabaseConnection, run_id: uuid::Uuid) -> Result<(), run_domain::LogError> {
+/// let batch = run_domain::LogBatch::new(run_id, ["compiling", "linking"]);
+/// let receipt = loop {
+///     match batch.append(db).await {
+///         // The same id again: written once, whatever the failed try did.
+///         Err(run_domain::LogError::Database(e)) if run_domain::is_transient(&e) => continue,
+///         other => break other?,
+///     }
+/// };
+/// assert_eq!(receipt.batch_id, batch.batch_id());
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct LogBatch<S> {
+    run_id: Uuid,
+    batch_id: Uuid,
+    messages: Vec<S>,
+    tried: AtomicBool,
+}
+
+impl<S: AsRef<str>> LogBatch<S> {
+    /// A batch of `messages` for `run_id`'s log, under a new random id.
+    pub fn new(run_id: Uuid, messages: impl IntoIterator<Item = S>) -> LogBatch<S> {
+        LogBatch {
+            run_id,
+            batch_id: Uuid::new_v4(),
+            messages: messages.into_iter().collect(),
+            tried: AtomicBool::new(false),
+        }
+    }
+
+    /// Its id.
+    pub fn batch_id(&self) -> Uuid {
+        self.batch_id
+    }
+
+    /// The run whose log it goes to.
+    pub fn run_id(&self) -> Uuid {
+        self.run_id
+    }
+
+    /// Its lines.
+    pub fn messages(&self) -> &[S] {
+        &self.messages
+    }
+
+    /// Appends the batch, as [`append_run_logs_idempotent`] does; only the first call skips
+    /// looking for an earlier try. (A call whose future is dropped counts as a try.)
+    pub async fn append<C>(&self, db: &C) -> Result<AppendReceipt, LogError>
+    where
+        C: ConnectionTrait + TransactionTrait,
+    {
+        let fresh = !self.tried.swap(true, AtomicOrdering::SeqCst);
+        append_batch(db, self.run_id, self.batch_id, &self.messages, fresh).await
+    }
 }
 
 /// `fresh_id`: the batch id was just drawn at random, so its first try need not look for an

@@ -41,7 +41,9 @@
 
 use crate::cancel::cancel_leftovers;
 use crate::error::{EngineError, TransientDb};
-use crate::finish::{finish_epic_if_done, finish_run_if_done, settle_run, start_epic, start_run};
+use crate::finish::{
+    epic_has_unfinished, finish_epic_if_done, finish_run_if_done, settle_run, start_epic, start_run,
+};
 use crate::handler::{CancelHandle, Cancellation, StoryContext, StoryHandler, StoryOutcome};
 use crate::lease::{
     Claim, Lease, Release, TryClaim, claimed_by, expired_leases, give_back, pending_candidates,
@@ -59,7 +61,7 @@ use run_domain::{
 use sea_orm::{
     ColumnTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
 };
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -109,7 +111,10 @@ pub struct ExecutorConfig {
     pub renew_every: Duration,
     /// How long an idle worker waits before looking for work again.
     pub poll_interval: Duration,
-    /// How many pending stories a worker reads to choose from.
+    /// How many pending stories are read at a time into this process's queue of candidates,
+    /// which its workers take from (each candidate goes to one worker of the process; other
+    /// processes read their own, in a shuffled order, and a candidate taken meanwhile only
+    /// costs a failed compare-and-swap).
     pub candidate_window: u64,
     /// How long a handler has to stop after it is cancelled before it is dropped.
     pub cancel_grace: Duration,
@@ -523,6 +528,63 @@ struct Execution {
     /// Set when a worker stopped on errors: the others claim nothing new.
     worker_failed: AtomicBool,
     stats: Arc<Stats>,
+    /// The run's log: one writer for every worker, each story a prefix of its own.
+    log: LogSink,
+    /// Stories this process may try to claim, shared by its workers.
+    candidates: tokio::sync::Mutex<Candidates>,
+    /// How many stories of each epic this process's workers hold (claimed, not yet recorded).
+    held_per_epic: Mutex<HashMap<Uuid, usize>>,
+}
+
+/// A story of `epic` held by a worker of this process, counted in `held_per_epic` until
+/// [`Held::release`] or drop.
+struct Held<'a> {
+    execution: &'a Execution,
+    epic: Uuid,
+    counted: bool,
+}
+
+impl Held<'_> {
+    /// Stops counting this story; true when other workers of this process still hold stories
+    /// of its epic. Called after the story's result committed: then the last of them to
+    /// release sees every other's result, so only it needs to look whether the epic is done.
+    fn release(mut self) -> bool {
+        self.uncount()
+    }
+
+    fn uncount(&mut self) -> bool {
+        if !std::mem::replace(&mut self.counted, false) {
+            return false;
+        }
+        let Ok(mut held) = self.execution.held_per_epic.lock() else {
+            return false;
+        };
+        let left = match held.get_mut(&self.epic) {
+            Some(n) => {
+                *n = n.saturating_sub(1);
+                *n
+            }
+            None => 0,
+        };
+        if left == 0 {
+            held.remove(&self.epic);
+        }
+        left > 0
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.uncount();
+    }
+}
+
+/// This process's queue of stories to try to claim.
+#[derive(Default)]
+struct Candidates {
+    queue: VecDeque<run_story::Model>,
+    /// When running stories were last looked at for expired leases.
+    last_expiry_check: Option<Instant>,
 }
 
 impl Executor {
@@ -600,6 +662,9 @@ impl Executor {
             run_started: AtomicBool::new(status != RunStatus::Pending),
             worker_failed: AtomicBool::new(false),
             stats: stats.clone(),
+            log: LogSink::start_with_retry(db.clone(), run_id, "", self.inner.config.budget()),
+            candidates: tokio::sync::Mutex::new(Candidates::default()),
+            held_per_epic: Mutex::new(HashMap::new()),
         });
 
         let mut first_error = None;
@@ -628,6 +693,11 @@ impl Executor {
                 }
             }
             drop(watcher);
+        }
+        // Lines still queued (the last stories' closing lines) go in before the run is settled
+        // and before this returns, so nothing of this execution is written after it.
+        if let Err(e) = execution.log.flush().await {
+            execution.warn(e.to_string());
         }
         if let Some(e) = first_error {
             return Err(e);
@@ -828,14 +898,13 @@ impl Execution {
         let lease = Lease::new(self.worker_id(n), self.config().lease);
         let mut failures = 0u32;
         let mut failing_since: Option<Instant> = None;
-        let mut last_expiry_check: Option<Instant> = None;
         let mut shutdown = self.shutdown.subscribe();
         let mut run_status = self.run_status.clone();
         loop {
             if self.stop_claiming() {
                 return Ok(());
             }
-            let step = match self.claim_next(&lease, &mut last_expiry_check).await {
+            let step = match self.claim_next(&lease).await {
                 Ok(Step::Idle) => match self.has_unfinished().await {
                     Ok(false) => return Ok(()),
                     Ok(true) => Ok(Step::Idle),
@@ -909,34 +978,23 @@ impl Execution {
         Ok(n > 0)
     }
 
-    async fn claim_next(
-        &self,
-        lease: &Lease,
-        last_expiry_check: &mut Option<Instant>,
-    ) -> Result<Step, EngineError> {
+    async fn claim_next(&self, lease: &Lease) -> Result<Step, EngineError> {
         let db = self.db();
         let window = self.config().candidate_window.max(1);
-        let mut candidates = pending_candidates(db, self.run_id, window).await?;
-        let due = last_expiry_check.is_none_or(|t| t.elapsed() >= EXPIRY_CHECK_EVERY);
-        if candidates.is_empty() || due {
-            *last_expiry_check = Some(Instant::now());
-            let limit = usize::try_from(window).unwrap_or(usize::MAX);
-            candidates.extend(expired_leases(db, self.run_id, Utc::now(), limit).await?);
-        }
-        if candidates.is_empty() {
-            return Ok(Step::Idle);
-        }
-        fastrand::shuffle(&mut candidates);
-        for candidate in &candidates {
+        // Bounded, so that a worker meeting only candidates others took first backs off.
+        for _ in 0..window {
             if self.stop_claiming() {
                 return Ok(Step::Idle);
             }
-            match try_claim(db, candidate, lease, Utc::now()).await {
+            let Some(candidate) = self.next_candidate(window).await? else {
+                return Ok(Step::Idle);
+            };
+            match try_claim(db, &candidate, lease, Utc::now()).await {
                 Ok(TryClaim::Claimed(claim)) => return Ok(Step::Claimed(Box::new(claim))),
                 Ok(TryClaim::Exhausted(story)) => self.on_exhausted(story).await,
                 Ok(TryClaim::Lost) => {}
                 Err(e) if e.is_transient_db() => {
-                    return match self.recognise_claim(candidate, lease).await {
+                    return match self.recognise_claim(&candidate, lease).await {
                         Some(claim) => Ok(Step::Claimed(Box::new(claim))),
                         None => Err(e),
                     };
@@ -945,6 +1003,35 @@ impl Execution {
             }
         }
         Ok(Step::Contended)
+    }
+
+    /// The next story to try, from this process's queue, refilled from the database when
+    /// empty (and with expired leases every [`EXPIRY_CHECK_EVERY`]); `None` when nothing is
+    /// claimable now. One worker refills while the others wait for it rather than all reading
+    /// the same rows.
+    async fn next_candidate(&self, window: u64) -> Result<Option<run_story::Model>, EngineError> {
+        let db = self.db();
+        let mut candidates = self.candidates.lock().await;
+        let due = candidates
+            .last_expiry_check
+            .is_none_or(|t| t.elapsed() >= EXPIRY_CHECK_EVERY);
+        if candidates.queue.is_empty() || due {
+            let mut fresh = if candidates.queue.is_empty() {
+                pending_candidates(db, self.run_id, window).await?
+            } else {
+                Vec::new()
+            };
+            if fresh.is_empty() || due {
+                candidates.last_expiry_check = Some(Instant::now());
+                let limit = usize::try_from(window).unwrap_or(usize::MAX);
+                fresh.extend(expired_leases(db, self.run_id, Utc::now(), limit).await?);
+            }
+            // Shuffled, so that the workers of other processes, reading the same window, do
+            // not try the same stories in the same order.
+            fastrand::shuffle(&mut fresh);
+            candidates.queue.extend(fresh);
+        }
+        Ok(candidates.queue.pop_front())
     }
 
     /// A claim of `candidate` failed transiently: it may have committed with its answer lost.
@@ -1026,13 +1113,9 @@ impl Execution {
     async fn run_story(&self, claim: Claim, lease: &Lease) {
         let story = claim.story;
         let sref = self.story_ref(&story);
-        let log = LogSink::start_with_retry(
-            self.db().clone(),
-            self.run_id,
-            format!("[{sref}] "),
-            self.config().budget(),
-        );
+        let log = self.log.with_prefix(format!("[{sref}] "));
         let worker = lease.owner.clone();
+        let held = self.hold(story.epic_id);
 
         let may_run = match self.ensure_started(&story).await {
             Ok(may_run) => may_run,
@@ -1047,8 +1130,11 @@ impl Execution {
                 outcome: None,
                 stop: Some(Stop::RunCancelled),
             };
-            self.record(&sref, &log, story, lease, ending, Duration::ZERO)
+            let nothing = log.lines_queued();
+            let finished = self
+                .record(&sref, &log, story, lease, ending, Duration::ZERO, nothing)
                 .await;
+            self.after_recorded(finished, held).await;
             return;
         }
 
@@ -1076,6 +1162,7 @@ impl Execution {
             taken_over_from: claim.taken_over_from.clone(),
         });
 
+        let output_from = log.lines_queued();
         let started = Instant::now();
         let (cancel_handle, cancel) = Cancellation::new();
         let ctx = StoryContext {
@@ -1086,9 +1173,40 @@ impl Execution {
             log: log.clone(),
             cancel,
         };
-        let (ending, held) = self.supervise(ctx, cancel_handle, story, lease).await;
-        self.record(&sref, &log, held, lease, ending, started.elapsed())
+        let (ending, last) = self.supervise(ctx, cancel_handle, story, lease).await;
+        let elapsed = started.elapsed();
+        let finished = self
+            .record(&sref, &log, last, lease, ending, elapsed, output_from)
             .await;
+        self.after_recorded(finished, held).await;
+    }
+
+    /// Counts a story of `epic` as held by this process.
+    fn hold(&self, epic: Uuid) -> Held<'_> {
+        let counted = match self.held_per_epic.lock() {
+            Ok(mut held) => {
+                *held.entry(epic).or_default() += 1;
+                true
+            }
+            Err(_) => false,
+        };
+        Held {
+            execution: self,
+            epic,
+            counted,
+        }
+    }
+
+    /// A story's result is recorded (`finished`: it reached a terminal status): finish its
+    /// epic and the run if they are done, unless another worker of this process still holds a
+    /// story of the epic (it looks when it is done).
+    async fn after_recorded(&self, finished: Option<run_story::Model>, held: Held<'_>) {
+        let others_hold_the_epic = held.release();
+        if let Some(story) = finished
+            && !others_hold_the_epic
+        {
+            self.after_story_finished(&story).await;
+        }
     }
 
     /// When this worker must stop the handler if no renewal gets through: a tenth of the lease
@@ -1255,7 +1373,12 @@ impl Execution {
         }
     }
 
-    /// Records how the attempt ended, from the version of the last renewal.
+    /// Records how the attempt ended, from the version of the last renewal. Returns the story
+    /// when it reached a terminal status.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "private; each argument is one fact about the attempt"
+    )]
     async fn record(
         &self,
         sref: &StoryRef,
@@ -1264,17 +1387,22 @@ impl Execution {
         lease: &Lease,
         ending: Ending,
         elapsed: Duration,
-    ) {
+        output_from: u64,
+    ) -> Option<run_story::Model> {
         let worker = &lease.owner;
-        // The story's output goes in before its result, so that a reader who sees the run
-        // finished has seen every line of it.
-        if let Err(e) = log.flush().await {
+        // The story's output (lines the handler queued after `output_from`) goes in before its
+        // result, so that a reader who sees the story finished has seen every line of it. A
+        // story without output does not wait for the log: its executor lines go in with the
+        // next batch.
+        if log.lines_queued() > output_from
+            && let Err(e) = log.flush().await
+        {
             self.warn(e.to_string());
         }
         let (outcome, stop) = match ending {
             Ending::Fenced { detail } => {
                 self.fenced(sref, log, worker, &detail).await;
-                return;
+                return None;
             }
             Ending::Done { outcome, stop } => (outcome, stop),
         };
@@ -1360,13 +1488,13 @@ impl Execution {
                 )),
             ) => {
                 self.fenced(sref, log, worker, &e.to_string()).await;
-                return;
+                return None;
             }
             Err(e) => {
                 self.warn(format!(
                     "could not record the result of {sref}: {e}; its lease will expire and it will run again"
                 ));
-                return;
+                return None;
             }
         };
         let status = StoryStatus::parse(&story.status).unwrap_or(StoryStatus::Pending);
@@ -1411,12 +1539,10 @@ impl Execution {
                 worker: worker.clone(),
             });
         }
-        if let Err(e) = log.flush().await {
-            self.warn(e.to_string());
-        }
-        if status.is_terminal() {
-            self.after_story_finished(&story).await;
-        }
+        // The closing line is not waited for here: it goes in with the next batch of this
+        // process's log (at the latest before an epic or the run is finished, or before the
+        // execution returns), so that a story costs one wait on the log, not two.
+        status.is_terminal().then_some(story)
     }
 
     async fn fenced(&self, sref: &StoryRef, log: &LogSink, worker: &str, detail: &str) {
@@ -1437,6 +1563,19 @@ impl Execution {
     /// A story reached a terminal status: finish its epic, then the run, if they are done.
     async fn after_story_finished(&self, story: &run_story::Model) {
         let db = self.db();
+        // Most stories leave others of their epic unfinished: one indexed look settles that.
+        let (unfinished, _) = self
+            .retrying("looking at an epic's stories", || {
+                epic_has_unfinished(db, story.epic_id)
+            })
+            .await;
+        if let Ok(true) = unfinished {
+            return;
+        }
+        // The epic may be finishing: the lines of its stories go in before it is.
+        if let Err(e) = self.log.flush().await {
+            self.warn(e.to_string());
+        }
         let (finished, failed_tries) = self
             .retrying("finishing an epic", || {
                 finish_epic_if_done(db, story.epic_id)

@@ -46,7 +46,9 @@ pub use executor::{
     Executor, ExecutorConfig, ExecutorEvent, Shutdown, ShutdownLevel, StoryRef, Summary,
     default_worker_prefix,
 };
-pub use finish::{finish_epic_if_done, finish_run_if_done, settle_run, start_epic, start_run};
+pub use finish::{
+    epic_has_unfinished, finish_epic_if_done, finish_run_if_done, settle_run, start_epic, start_run,
+};
 pub use handler::{CancelHandle, Cancellation, StoryContext, StoryHandler, StoryOutcome};
 pub use lease::{Claim, Lease, Release, TryClaim, expired_leases, pending_candidates};
 pub use lease::{claimed_by, released_by, still_held};

@@ -1,19 +1,25 @@
 //! A story's output on its way to the run log: lines are batched and appended with
-//! [`run_domain::append_run_logs_idempotent`], so a chatty command costs one short transaction
-//! per batch instead of one per line.
+//! [`run_domain::LogBatch`], so a chatty command costs one short transaction per batch instead
+//! of one per line.
 //!
 //! A batch is written when it reaches [`LogSink::BATCH_LINES`] lines, when its oldest line has
 //! waited [`LogSink::BATCH_DELAY`], on [`LogSink::flush`], and when the last handle is dropped.
 //!
+//! Handles made with [`LogSink::with_prefix`] share one writer: the executor gives every story
+//! its own prefix on one writer per run, so that lines and flushes of all its workers go in
+//! together (group commit): flushes that arrive while a batch is being written are served by
+//! the next one, whatever their number.
+//!
 //! Each batch gets its id once, before its first try: the append retries transient failures
-//! itself, and the sink tries the same batch id again for up to [`LogSink::RETRY_BUDGET`] after
+//! itself, and the sink tries the same batch again for up to [`LogSink::RETRY_BUDGET`] after
 //! that, so a batch survives a server restart, and a try that committed with its answer lost is
 //! not written twice.
 
 use crate::retry::retry_transient;
-use run_domain::append_run_logs_idempotent;
+use run_domain::LogBatch;
 use sea_orm::DatabaseConnection;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -47,6 +53,8 @@ pub struct LogSink {
     tx: mpsc::Sender<Message>,
     prefix: Arc<str>,
     run_id: Uuid,
+    /// Lines queued through this handle and its clones (not other prefixes).
+    queued: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Message {
@@ -61,6 +69,9 @@ impl std::fmt::Debug for Message {
 impl LogSink {
     /// A batch is written once it holds this many lines.
     pub const BATCH_LINES: usize = 100;
+    /// At most this many lines go in one transaction when lines queued up while the last batch
+    /// was being written.
+    pub const MAX_GROUP_LINES: usize = 1000;
     /// A batch is written once its oldest line has waited this long.
     pub const BATCH_DELAY: Duration = Duration::from_millis(200);
     /// How long a batch is tried again through transient database failures before its lines
@@ -95,6 +106,29 @@ impl LogSink {
             tx,
             prefix: Arc::from(prefix.into()),
             run_id,
+            queued: Arc::default(),
+        }
+    }
+
+    /// Another handle on the same writer (and the same batches) whose lines get `prefix`
+    /// instead.
+    ///
+    /// ```no_run
+    /// # async fn demo(db: sea_orm::DatabaseConnection, run_id: uuid::Uuid) -> Result<(), run_engine::LogSinkError> {
+    /// let run_log = run_engine::LogSink::start(db, run_id, "");
+    /// let build = run_log.with_prefix("[build] ");
+    /// let test = run_log.with_prefix("[test] ");
+    /// build.line("compiling").await;
+    /// test.line("waiting for build").await;
+    /// run_log.flush().await?; // both lines, in one transaction
+    /// # Ok(()) }
+    /// ```
+    pub fn with_prefix(&self, prefix: impl Into<String>) -> LogSink {
+        LogSink {
+            tx: self.tx.clone(),
+            prefix: Arc::from(prefix.into()),
+            run_id: self.run_id,
+            queued: Arc::default(),
         }
     }
 
@@ -103,9 +137,17 @@ impl LogSink {
         self.run_id
     }
 
+    /// How many lines were queued through this handle and its clones (a handle made with
+    /// [`LogSink::with_prefix`] counts its own): whoever must wait for some lines to be
+    /// written, and only if there are any, compares this before and after.
+    pub fn lines_queued(&self) -> u64 {
+        self.queued.load(Ordering::Relaxed)
+    }
+
     /// Queues one line (the prefix is added). Waits only when the writer is far behind.
     pub async fn line(&self, message: impl AsRef<str>) {
         let line = format!("{}{}", self.prefix, message.as_ref());
+        self.queued.fetch_add(1, Ordering::Relaxed);
         // The writer only stops when every handle is gone, and this is one: cannot fail.
         let _ = self.tx.send(Message::Line(line)).await;
     }
@@ -130,6 +172,7 @@ async fn write_batches(
     let mut batch: Vec<String> = Vec::new();
     let mut oldest: Option<Instant> = None;
     let mut dropped: Option<LogSinkError> = None;
+    let mut waiting: Vec<oneshot::Sender<Result<(), LogSinkError>>> = Vec::new();
     loop {
         let message = match oldest {
             Some(since) => {
@@ -144,23 +187,31 @@ async fn write_batches(
             }
             None => rx.recv().await,
         };
-        match message {
-            None => {
-                write_batch(&db, run_id, &mut batch, &mut dropped, retry).await;
-                return;
-            }
-            Some(Message::Line(line)) => {
-                batch.push(line);
-                oldest.get_or_insert_with(Instant::now);
-                if batch.len() >= LogSink::BATCH_LINES {
-                    write_batch(&db, run_id, &mut batch, &mut dropped, retry).await;
-                    oldest = None;
+        let Some(message) = message else {
+            write_batch(&db, run_id, &mut batch, &mut dropped, retry).await;
+            return;
+        };
+        // Group commit: take everything that queued up meanwhile (while the last batch was
+        // being written) into this batch, and answer every flush among it after one write.
+        let mut next = Some(message);
+        while let Some(message) = next.take() {
+            match message {
+                Message::Line(line) => {
+                    batch.push(line);
+                    oldest.get_or_insert_with(Instant::now);
                 }
+                Message::Flush(reply) => waiting.push(reply),
             }
-            Some(Message::Flush(reply)) => {
-                write_batch(&db, run_id, &mut batch, &mut dropped, retry).await;
-                oldest = None;
-                let _ = reply.send(dropped.take().map_or(Ok(()), Err));
+            if batch.len() < LogSink::MAX_GROUP_LINES {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !waiting.is_empty() || batch.len() >= LogSink::BATCH_LINES {
+            write_batch(&db, run_id, &mut batch, &mut dropped, retry).await;
+            oldest = None;
+            let report = dropped.take().map_or(Ok(()), Err);
+            for reply in waiting.drain(..) {
+                let _ = reply.send(report.clone());
             }
         }
     }
@@ -176,23 +227,17 @@ async fn write_batch(
     if batch.is_empty() {
         return;
     }
-    let lines = std::mem::take(batch);
-    // SAFETY(idempotency): one batch id for every try, here and inside the append, so a try
-    // that committed but whose answer was lost is found and not written twice.
-    let batch_id = Uuid::new_v4();
-    let (result, _) = retry_transient(
-        retry,
-        || append_run_logs_idempotent(db, run_id, batch_id, &lines),
-        |_| {},
-    )
-    .await;
+    // SAFETY(idempotency): one batch for every try, here and inside the append, so a try that
+    // committed but whose answer was lost is found and not written twice.
+    let batch = LogBatch::new(run_id, std::mem::take(batch));
+    let (result, _) = retry_transient(retry, || batch.append(db), |_| {}).await;
     if let Err(e) = result {
         let lost = dropped.get_or_insert(LogSinkError {
             run_id,
             lines: 0,
             reason: String::new(),
         });
-        lost.lines += lines.len();
+        lost.lines += batch.messages().len();
         lost.reason = e.to_string();
     }
 }

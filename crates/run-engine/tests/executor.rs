@@ -237,3 +237,87 @@ each_backend! {
         assert_eq!(story(&t.db, run_id, "leftover").await.status, "completed");
     }
 }
+
+/// 32 story handles on one run's log each queue 5 lines and flush at once: with one shared
+/// writer ([`LogSink::with_prefix`]) the flushes are served together, in a few transactions;
+/// with a writer per story (what the executor did before) each flush is a transaction of its
+/// own. Either way every line is there once, each story's lines in order.
+async fn flushes_are_served_together(t: run_engine_tests::TestDb) {
+    const STORIES: usize = 32;
+    const LINES: usize = 5;
+    let run_id = run_with(&t.db, &[("s", "ok", 1)]).await;
+    let root = run_engine::LogSink::start(t.db.clone(), run_id, "");
+    let mut batches_seen = Vec::new();
+    for shared in [true, false] {
+        let mut tasks = tokio::task::JoinSet::new();
+        for s in 0..STORIES {
+            let prefix = format!("[{shared}/{s}] ");
+            let sink = if shared {
+                root.with_prefix(prefix)
+            } else {
+                run_engine::LogSink::start(t.db.clone(), run_id, prefix)
+            };
+            tasks.spawn(async move {
+                for n in 0..LINES {
+                    sink.line(format!("line {n}")).await;
+                }
+                sink.flush().await
+            });
+        }
+        while let Some(flushed) = tasks.join_next().await {
+            flushed.expect("task").expect("flush");
+        }
+        let entries =
+            run_domain::read_run_log_after(&t.db, run_id, run_domain::LogCursor::START, 100_000)
+                .await
+                .expect("read")
+                .entries;
+        let ours: Vec<_> = entries
+            .iter()
+            .filter(|e| e.message.starts_with(&format!("[{shared}/")))
+            .collect();
+        assert_eq!(ours.len(), STORIES * LINES, "every line once");
+        for s in 0..STORIES {
+            let lines: Vec<&str> = ours
+                .iter()
+                .filter_map(|e| e.message.strip_prefix(&format!("[{shared}/{s}] ")))
+                .collect();
+            let expected: Vec<String> = (0..LINES).map(|n| format!("line {n}")).collect();
+            assert_eq!(lines, expected, "story {s}'s lines, in order");
+        }
+        let batches: std::collections::HashSet<Uuid> = ours.iter().map(|e| e.batch_id).collect();
+        batches_seen.push(batches.len());
+    }
+    let (shared, separate) = (batches_seen[0], batches_seen[1]);
+    assert_eq!(
+        separate, STORIES,
+        "a writer per story: a transaction per flush"
+    );
+    assert!(
+        shared <= STORIES / 8,
+        "one shared writer: {shared} transactions for {STORIES} flushes"
+    );
+}
+
+// One thread: the 32 tasks queue their lines and flushes before the writer runs, so how many
+// are served together does not depend on thread timing.
+#[tokio::test]
+async fn flushes_are_served_together_sqlite() {
+    if let Some(t) = run_engine_tests::TestDb::migrated(run_engine_tests::Backend::Sqlite).await {
+        flushes_are_served_together(t).await;
+    }
+}
+
+#[tokio::test]
+async fn flushes_are_served_together_postgres() {
+    if let Some(t) = run_engine_tests::TestDb::migrated(run_engine_tests::Backend::Postgres).await {
+        flushes_are_served_together(t).await;
+    }
+}
+
+#[tokio::test]
+async fn flushes_are_served_together_mysql() {
+    if let Some(t) = run_engine_tests::TestDb::migrated(run_engine_tests::Backend::MySql).await {
+        flushes_are_served_together(t).await;
+    }
+}
