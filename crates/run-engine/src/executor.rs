@@ -5,14 +5,28 @@
 //! Each worker loops:
 //!
 //! 1. stop if the process is shutting down or the run was cancelled;
-//! 2. read up to 64 pending stories of the run in position order (and, about once a second,
-//!    the running ones whose lease expired), shuffle them, and try to claim each in turn by
-//!    compare-and-swap until one succeeds ([`try_claim`]): workers that read the same stories
-//!    spread over them instead of all fighting for the first;
+//! 2. take the next candidate from this process's queue and try to claim it by compare-and-swap
+//!    ([`try_claim`]), the next one if someone else took it first. An empty queue is refilled
+//!    by one worker while the others wait: up to 64 pending stories of the run in position
+//!    order (and, about once a second, the running ones whose lease expired), shuffled. So no
+//!    two workers of a process try the same story, and processes that read the same window
+//!    spread over it instead of all fighting for the first;
 //! 3. nothing to claim: stop if no story of the run is pending or running, else wait a moment
 //!    (stories held by other workers may finish, fail back to pending, or lose their lease);
 //! 4. run the story's handler while renewing its lease; record the result from the version of
 //!    the last renewal; finish the epic and the run when their stories are all done.
+//!
+//! # What a story costs
+//!
+//! A story without output costs three statements: the claim, the result (both
+//! compare-and-swap), and one indexed look whether its epic has stories left
+//! ([`crate::finish::epic_has_unfinished`]), skipped while another worker of this process holds
+//! a story of the epic (the last of them to record looks). Its log lines (claimed, finished)
+//! go through one [`LogSink`] writer per execution, shared by every worker: they are written
+//! in batches together with every other worker's (group commit), and only a story whose
+//! handler wrote output waits for them, before its result is recorded, so that a reader who
+//! sees a story finished has seen its output. Queued lines are written before an epic or the
+//! run is finished and before [`Executor::execute`] returns.
 //!
 //! A worker that loses its lease (its renewal or its release conflicts) is fenced off: it stops
 //! its handler and records nothing. See [`crate::lease`].
