@@ -24,7 +24,9 @@ pub const WORKERS: [usize; 3] = [1, 4, 16];
 /// What the report says when PostgreSQL is not available.
 pub const PENDING: &str = "executor throughput: PostgreSQL not available";
 
-struct NoOp;
+/// A story handler that returns [`StoryOutcome::Completed`] at once.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoOp;
 
 #[async_trait]
 impl StoryHandler for NoOp {
@@ -56,7 +58,9 @@ pub struct ExecutorResult {
     stories: usize,
 }
 
-async fn new_run(db: &DatabaseConnection, stories: usize) -> anyhow::Result<Uuid> {
+/// Creates a run of one epic with `stories` no-op stories (no command, one attempt each);
+/// returns its id.
+pub async fn new_run(db: &DatabaseConnection, stories: usize) -> anyhow::Result<Uuid> {
     let run = create_run(
         db,
         NewRun {

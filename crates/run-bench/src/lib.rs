@@ -10,7 +10,8 @@
 //! - [`contention`]: compare-and-swap, retry and row locks under 1, 8 and 32 writers.
 //! - [`append_throughput`]: concurrent appends vs a plain INSERT loop.
 //! - [`executor`]: the hook for the executor's throughput (measured in `crates/run-engine`).
-//! - [`memory`]: peak RSS of streaming a large log vs building it as one `String`.
+//! - [`memory`]: peak RSS of streaming a large log vs building it as one `String`, of
+//!   `run-engine logs --follow` on it, and of the executor on runs of two sizes.
 //! - [`report`]: tables, goals, the machine description and the markdown file.
 //! - [`plot`]: the SVG charts, drawn by hand.
 

@@ -10,7 +10,9 @@
 
 use anyhow::{Context, anyhow};
 use clap::{Parser, Subcommand, ValueEnum};
-use run_bench::memory::{self, PROBE_SUBCOMMAND, Reader};
+use run_bench::memory::{
+    self, EXECUTOR_PROBE_SUBCOMMAND, PEAK_SUBCOMMAND, PROBE_SUBCOMMAND, Reader,
+};
 use run_bench::report::{self, Report, Section};
 use run_bench::{
     Profile, Servers, append_throughput, contention, executor, log_append, plot, versioned_update,
@@ -29,7 +31,8 @@ const WRITERS_PLOT: &str = "docs/bench-append-vs-writers.svg";
 #[derive(Debug, Parser)]
 #[command(name = "run-bench", version)]
 struct Cli {
-    /// Fewer repeats, shorter cells, a 10 MiB log for memory: under 2 minutes.
+    /// Fewer repeats, shorter cells, a 10 MiB log and runs of 1,000 and 2,000 stories for
+    /// memory: under 2 minutes.
     #[arg(long)]
     quick: bool,
     /// Where to write the report; the plots go to `docs/` beside it.
@@ -55,7 +58,7 @@ enum Scenario {
     AppendThroughput,
     /// 5: the executor against a SKIP LOCKED claim loop.
     Executor,
-    /// 6: peak memory of streaming vs building the log.
+    /// 6: peak memory of streaming vs building the log, of `logs --follow`, of the executor.
     Memory,
 }
 
@@ -63,7 +66,7 @@ enum Scenario {
 enum Command {
     /// Internal: read a log in this fresh process and report its peak memory.
     #[command(name = PROBE_SUBCOMMAND, hide = true)]
-    MemoryProbe {
+    ReadProbe {
         /// The database.
         #[arg(long)]
         url: String,
@@ -74,24 +77,59 @@ enum Command {
         #[arg(long)]
         reader: String,
     },
+    /// Internal: execute a run with no-op stories in this fresh process and report its peak
+    /// memory.
+    #[command(name = EXECUTOR_PROBE_SUBCOMMAND, hide = true)]
+    ExecutorProbe {
+        /// The database.
+        #[arg(long)]
+        url: String,
+        /// The run to execute.
+        #[arg(long)]
+        run_id: Uuid,
+        /// Executor workers.
+        #[arg(long)]
+        workers: usize,
+    },
+    /// Internal: run one command (after `--`) and report its peak memory.
+    #[command(name = PEAK_SUBCOMMAND, hide = true)]
+    Peak {
+        /// The program and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if let Some(Command::MemoryProbe {
-        url,
-        run_id,
-        reader,
-    }) = &cli.command
-    {
-        let reader =
-            Reader::from_arg(reader).ok_or_else(|| anyhow!("unknown reader {reader:?}"))?;
-        let probe = memory::probe(url, *run_id, reader).await?;
-        println!("{}", probe.to_line());
-        return Ok(());
+    match &cli.command {
+        Some(Command::ReadProbe {
+            url,
+            run_id,
+            reader,
+        }) => {
+            let reader =
+                Reader::from_arg(reader).ok_or_else(|| anyhow!("unknown reader {reader:?}"))?;
+            let probe = memory::probe(url, *run_id, reader).await?;
+            println!("{}", probe.to_line());
+            Ok(())
+        }
+        Some(Command::ExecutorProbe {
+            url,
+            run_id,
+            workers,
+        }) => {
+            let probe = memory::executor_probe(url, *run_id, *workers).await?;
+            println!("{}", probe.to_line());
+            Ok(())
+        }
+        Some(Command::Peak { command }) => {
+            println!("{}", memory::peak_of(command)?.to_line());
+            Ok(())
+        }
+        None => run_suite(&cli).await,
     }
-    run_suite(&cli).await
 }
 
 async fn run_suite(cli: &Cli) -> anyhow::Result<()> {

@@ -34,8 +34,10 @@ pub struct Profile {
     pub warmup: Duration,
     /// Size of the log whose reading is measured for memory.
     pub memory_log_bytes: u64,
-    /// Whether the memory scenario also runs on PostgreSQL.
+    /// Whether the memory scenario's log readers also run on PostgreSQL.
     pub memory_on_postgres: bool,
+    /// Run sizes (stories) whose executor's peak memory is measured, smallest first.
+    pub executor_memory_stories: [usize; 2],
 }
 
 impl Profile {
@@ -52,6 +54,7 @@ impl Profile {
             warmup: Duration::from_millis(200),
             memory_log_bytes: 100 << 20,
             memory_on_postgres: true,
+            executor_memory_stories: [1_000, 10_000],
         }
     }
 
@@ -68,6 +71,7 @@ impl Profile {
             warmup: Duration::from_millis(60),
             memory_log_bytes: 10 << 20,
             memory_on_postgres: false,
+            executor_memory_stories: [1_000, 2_000],
         }
     }
 
@@ -84,7 +88,8 @@ impl Profile {
     pub fn describe(&self) -> String {
         format!(
             "{}: {} repeats; latency samples of at least {} ops and {} ms; throughput cells of \
-             {} s (SQLite {} s) in {} windows, each after a {} ms warm-up; memory on a {} MiB log",
+             {} s (SQLite {} s) in {} windows, each after a {} ms warm-up; memory on a {} MiB log \
+             and an executor on {} and {} stories",
             if self.quick { "quick" } else { "full" },
             self.repeats,
             self.min_ops,
@@ -94,6 +99,8 @@ impl Profile {
             self.repeats,
             self.warmup.as_millis(),
             self.memory_log_bytes >> 20,
+            self.executor_memory_stories[0],
+            self.executor_memory_stories[1],
         )
     }
 }
