@@ -14,15 +14,15 @@ use sea_orm_migration::sea_query::{Iden, IntoIden, Query, SimpleExpr};
 use std::collections::BTreeSet;
 
 /// The number of migrations in [`Migrator`].
-const MIGRATIONS: usize = 4;
+const MIGRATIONS: usize = 5;
 
 /// The name an iden stands for, e.g. `run_epic`.
 fn name(iden: impl Iden) -> String {
     Iden::to_string(&iden)
 }
 
-/// The columns each migration adds to a table that already exists, and the tables it creates.
-/// Index `k` describes migration `k + 1`.
+/// The tables each migration creates and the columns it adds to a table that already exists.
+/// Index `k` describes migration `k + 1`; [`indexes_added_by`] its indexes on existing tables.
 fn added_by(k: usize) -> (Vec<String>, Vec<(String, String)>) {
     match k {
         0 => (
@@ -54,7 +54,16 @@ fn added_by(k: usize) -> (Vec<String>, Vec<(String, String)>) {
             .map(|c| (name(RunStory::Table), name(c)))
             .collect(),
         ),
+        4 => (vec![], vec![]),
         _ => unreachable!("there are {MIGRATIONS} migrations"),
+    }
+}
+
+/// The indexes (table, index) migration `k + 1` adds to a table made by an earlier one.
+fn indexes_added_by(k: usize) -> Vec<(String, String)> {
+    match k {
+        4 => vec![(name(RunStory::Table), "ix_run_story_epic_status".to_owned())],
+        _ => vec![],
     }
 }
 
@@ -87,6 +96,16 @@ async fn assert_schema_at(t: &TestDb, applied: usize, step: &str) {
             assert_eq!(
                 found, expected,
                 "{backend:?} {step}: table {table} (created by {by}) exists: {found}"
+            );
+        }
+        for (table, index) in indexes_added_by(k) {
+            let found = manager
+                .has_index(&table, &index)
+                .await
+                .unwrap_or_else(|e| panic!("{backend:?} {step}: has_index({table}, {index}): {e}"));
+            assert_eq!(
+                found, expected,
+                "{backend:?} {step}: index {table}.{index} (added by {by}) exists: {found}"
             );
         }
         for (table, column) in columns {
@@ -374,7 +393,8 @@ each_backend!(
         assert_eq!(counts(&t.db).await, before, "{backend:?}: row counts at latest");
 
         let newest_first: Vec<String> = names[1..].iter().rev().cloned().collect();
-        down(&t, Some(3), &newest_first, "down to the first migration").await;
+        let all_but_first = u32::try_from(MIGRATIONS - 1).expect("few migrations");
+        down(&t, Some(all_but_first), &newest_first, "down to the first migration").await;
         assert_schema_at(&t, 1, "back at the first migration").await;
         assert_eq!(
             counts(&t.db).await,
@@ -474,7 +494,8 @@ each_backend!(
         assert_eq!(before, [2, 2, 6], "{backend:?}: rows inserted");
 
         let newest_first: Vec<String> = names[2..].iter().rev().cloned().collect();
-        down(&t, Some(2), &newest_first, "down to add_version_fields_for_concurrency").await;
+        let above = u32::try_from(MIGRATIONS - 2).expect("few migrations");
+        down(&t, Some(above), &newest_first, "down to add_version_fields_for_concurrency").await;
         assert_schema_at(&t, 2, "at add_version_fields_for_concurrency").await;
         assert_eq!(counts(&t.db).await, before, "{backend:?}: rows kept down to it");
 

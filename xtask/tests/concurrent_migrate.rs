@@ -172,9 +172,9 @@ async fn migrate_status_exits_non_zero_while_migrations_are_pending_and_zero_onc
     let Some(t) = TestDb::empty(Backend::Sqlite).await else {
         return;
     };
-    let total = migration::migration_names().len();
-    assert_eq!(total, 4, "the migration list changed");
     let names = migration::migration_names();
+    let total = names.len();
+    assert!(total >= 4, "the migration list lost entries: {names:?}");
 
     let before = run(&["migrate", "status", "--database-url", &t.url]).await;
     let text = printed(&before);
@@ -182,7 +182,10 @@ async fn migrate_status_exits_non_zero_while_migrations_are_pending_and_zero_onc
         !before.status.success(),
         "status on a fresh database exits non-zero:\n{text}"
     );
-    assert!(text.contains("0 applied, 4 pending"), "{text}");
+    assert!(
+        text.contains(&format!("0 applied, {total} pending")),
+        "{text}"
+    );
     for name in &names {
         assert!(
             text.contains(&format!("pending  {name}")),
@@ -190,14 +193,19 @@ async fn migrate_status_exits_non_zero_while_migrations_are_pending_and_zero_onc
         );
     }
     assert!(
-        text.contains("4 migration(s) pending: run `cargo xtask migrate`"),
+        text.contains(&format!(
+            "{total} migration(s) pending: run `cargo xtask migrate`"
+        )),
         "{text}"
     );
 
     let up = run(&["migrate", "--database-url", &t.url]).await;
     let text = printed(&up);
     assert!(up.status.success(), "migrate exits 0:\n{text}");
-    assert!(text.contains("4 applied, 0 pending"), "{text}");
+    assert!(
+        text.contains(&format!("{total} applied, 0 pending")),
+        "{text}"
+    );
 
     let after = run(&["migrate", "status", "--database-url", &t.url]).await;
     let text = printed(&after);
@@ -205,7 +213,10 @@ async fn migrate_status_exits_non_zero_while_migrations_are_pending_and_zero_onc
         after.status.success(),
         "status once migrated exits 0:\n{text}"
     );
-    assert!(text.contains("4 applied, 0 pending"), "{text}");
+    assert!(
+        text.contains(&format!("{total} applied, 0 pending")),
+        "{text}"
+    );
     for name in &names {
         assert!(
             text.contains(&format!("applied  {name}")),
