@@ -105,7 +105,7 @@ impl Probe {
     /// ```
     /// use run_bench::memory::Probe;
     /// let p = Probe { start_rss_kib: 1, peak_kib: 2, lines: 3, bytes: 4, secs: 0.5 };
-    /// assert_eq!(Probe::parse(&p.to_line()).unwrap(), p);
+    /// assert_eq!(Probe::parse(&p.to_line()).ok(), Some(p));
     /// ```
     pub fn to_line(&self) -> String {
         format!(

@@ -1578,6 +1578,9 @@ impl Execution {
     async fn after_story_finished(&self, story: &run_story::Model) {
         let db = self.db();
         // Most stories leave others of their epic unfinished: one indexed look settles that.
+        // SAFETY(visibility): read after this story's result committed, in a statement of its
+        // own, as `finish_epic_if_done` reads its counts: of two workers finishing the last two
+        // stories, at least the later one sees both finished.
         let (unfinished, _) = self
             .retrying("looking at an epic's stories", || {
                 epic_has_unfinished(db, story.epic_id)

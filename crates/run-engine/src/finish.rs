@@ -123,11 +123,6 @@ pub async fn finish_epic_if_done<C>(
 where
     C: ConnectionTrait + TransactionTrait,
 {
-    // Most calls find stories left: one indexed look, before reading the epic (see the
-    // visibility note below, which holds for this read too).
-    if epic_has_unfinished(db, epic_id).await? {
-        return Ok(None);
-    }
     let policy = RetryPolicy::default();
     let result = retry(&policy, |_| async {
         let epic = run_epic::Entity::find_versioned(db, epic_id).await?;
