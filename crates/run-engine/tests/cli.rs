@@ -175,7 +175,13 @@ each_backend! {
         let started = Instant::now();
         let (status, stdout, stderr) = cli(&t.url, &["cancel", &run_id.to_string()]);
         assert!(status.success(), "{stderr}");
-        assert!(stdout.contains("cancelled: 4 stories cancelled now, 2 still running"), "{stdout}");
+        // The two running stories are left to their workers, which watch the run and may
+        // already have stopped them by the time the command counts what still runs.
+        assert!(
+            ["2", "1", "0"].iter().any(|n| stdout
+                .contains(&format!("cancelled: 4 stories cancelled now, {n} still running"))),
+            "{stdout}"
+        );
 
         let status = exec.wait(Duration::from_secs(20)).await;
         assert_eq!(status.code(), Some(1), "{}", exec.stderr_text());
