@@ -20,6 +20,8 @@ pub struct Model {
     pub logged_at: DateTimeUtc,
     #[sea_orm(column_type = "Blob")]
     pub message: Vec<u8>,
+    #[sea_orm(column_type = "Blob", nullable)]
+    pub batch_digest: Option<Vec<u8>>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -15,6 +15,7 @@ mod m20261128_000002_add_version_fields_for_concurrency;
 mod m20261128_000003_create_run_log;
 mod m20261128_000004_add_story_execution_fields;
 mod m20261129_000005_index_run_story_epic_status;
+mod m20261201_000006_add_run_log_batch_digest;
 pub mod schema_types;
 
 pub use lock::{MigrationLockError, apply, fresh, rollback, status, with_migration_lock};
@@ -31,6 +32,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261128_000003_create_run_log::Migration),
             Box::new(m20261128_000004_add_story_execution_fields::Migration),
             Box::new(m20261129_000005_index_run_story_epic_status::Migration),
+            Box::new(m20261201_000006_add_run_log_batch_digest::Migration),
         ]
     }
 }
@@ -167,6 +169,8 @@ pub mod idens {
         LoggedAt,
         /// The line's bytes.
         Message,
+        /// SHA-256 of the batch (its line count and lines), on the batch's first line only.
+        BatchDigest,
     }
 
     /// The per-run log head: the last sequence number handed out.

@@ -4,7 +4,7 @@
 use entity::{run, run_epic, run_story};
 use run_domain::{
     Changes, ConnectError, LogCursor, NewEpic, NewRun, NewStory, VersionedUpdate, append_run_logs,
-    connect, create_epic, create_run, create_stories, read_run_log_after, redact_url,
+    connect, create_epic, create_run, create_stories, read_run_log_after, redact_text, redact_url,
 };
 use run_engine_tests::{Backend, count_rows, each_backend};
 
@@ -151,4 +151,77 @@ fn redaction_hides_passwords_in_every_url_shape() {
         assert!(shown.contains("***"), "{shown}");
     }
     assert!(!redact_url("postgres://u:hunter2@[bad").contains("hunter2"));
+}
+
+/// Passwords that occur inside other words of the message, inside the host, or are made of
+/// characters that must be percent-encoded in a URL.
+const TRICKY_PASSWORDS: [&str; 6] = ["o", "ab", "postgres", "error", "127", "p%40ss%3Aw%2Frd"];
+
+/// Everything `connect` says about a failure, causes included.
+async fn connect_error_text(url: &str) -> String {
+    let err = connect(url).await.expect_err("nothing listens there");
+    let mut shown = format!("{err} | {err:?}");
+    let mut source = std::error::Error::source(&err);
+    while let Some(s) = source {
+        shown.push_str(&format!(" | {s} | {s:?}"));
+        source = s.source();
+    }
+    shown
+}
+
+#[tokio::test]
+async fn redaction_goes_by_structure_so_short_passwords_garble_nothing() {
+    // URLs the driver cannot parse: it quotes them whole in its error. (An unreachable server
+    // is tried until the pool's acquire timeout; the CLI test covers that message.)
+    for shape in [
+        "postgres://postgres:{}@[db/runs",
+        "mysql://root:{}@db:notaport/test",
+    ] {
+        let reference = connect_error_text(&shape.replace("{}", "zq9xw")).await;
+        let reference = reference.replace("zq9xw", "***");
+        for password in TRICKY_PASSWORDS {
+            let url = shape.replace("{}", password);
+            let shown = connect_error_text(&url).await;
+            // Exactly the message a password with no common letters gets: nothing garbled,
+            // nothing given away by position.
+            assert_eq!(shown, reference, "password {password:?} in {url}");
+            assert!(!shown.contains(&format!(":{password}@")), "{shown}");
+        }
+    }
+}
+
+#[test]
+fn redact_text_replaces_only_passwords() {
+    assert_eq!(
+        redact_text("Connection Error: 'postgres://postgres:o@localhost/o' refused"),
+        "Connection Error: 'postgres://postgres:***@localhost/o' refused"
+    );
+    assert_eq!(
+        redact_text("a postgres://u:p%40ss%3Aw%2Frd@h/db and mysql://v:127@127.0.0.1:3306/x"),
+        "a postgres://u:***@h/db and mysql://v:***@127.0.0.1:3306/x"
+    );
+    // A raw '@' or '/' in a password (an invalid URL a user may still type) stays hidden.
+    assert_eq!(
+        redact_text("postgres://u:p@ss@h/db"),
+        "postgres://u:***@h/db"
+    );
+    assert_eq!(
+        redact_text("postgres://u:p/ss@h/db"),
+        "postgres://u:***@h/db"
+    );
+    assert_eq!(
+        redact_text("PgConnectOptions { host: \"h\", password: Some(\"error\"), user: \"u\" }"),
+        "PgConnectOptions { host: \"h\", password: Some(\"***\"), user: \"u\" }"
+    );
+    assert_eq!(
+        redact_text("host=h password=127 dbname=x"),
+        "host=h password=*** dbname=x"
+    );
+    for untouched in [
+        "no passwords here: error 127 at postgres://postgres@h/o",
+        "Access denied for user 'root'@'localhost' (using password: YES)",
+        "sqlite://run-engine.db?mode=rwc",
+    ] {
+        assert_eq!(redact_text(untouched), untouched);
+    }
 }

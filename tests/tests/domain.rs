@@ -312,3 +312,84 @@ each_backend! {
         ));
     }
 }
+
+/// Inside a transaction that has already read the row, another connection changes it: a stale
+/// compare-and-swap in the transaction reports the version the row holds now (not the one the
+/// transaction's snapshot holds), and `update_with_retry` in the transaction succeeds. On
+/// MariaDB (REPEATABLE READ) a plain read would see the snapshot; PostgreSQL reads committed
+/// rows per statement. (SQLite refuses a write from a stale snapshot outright.)
+async fn a_stale_update_inside_a_transaction_sees_the_current_version(
+    backend: run_engine_tests::Backend,
+) {
+    use sea_orm::TransactionTrait;
+    let Some(t) = run_engine_tests::TestDb::migrated(backend).await else {
+        return;
+    };
+    let story = run_engine_tests::new_story(&t.db).await;
+    let other = t.reconnect().await;
+
+    let txn = t.db.begin().await.expect("begin");
+    let seen = run_story::Entity::find_versioned(&txn, story.id)
+        .await
+        .expect("read in txn");
+    assert_eq!(seen.version, 1);
+    run_story::Entity::update_versioned(
+        &other,
+        story.id,
+        1,
+        Changes::new().set(run_story::Column::Title, "other"),
+    )
+    .await
+    .expect("the other connection bumps it to 2");
+    match run_story::Entity::update_versioned(
+        &txn,
+        story.id,
+        1,
+        Changes::new().set(run_story::Column::Title, "stale"),
+    )
+    .await
+    {
+        Err(ConcurrencyError::Conflict {
+            expected, actual, ..
+        }) => {
+            assert_eq!(
+                (expected, actual),
+                (1, 2),
+                "{backend:?}: the version found now"
+            );
+        }
+        got => panic!("{backend:?}: expected a conflict, got {got:?}"),
+    }
+    let written = update_with_retry::<run_story::Entity, _, _>(
+        &txn,
+        story.id,
+        &RetryPolicy::attempts(4),
+        |s| Changes::new().set(run_story::Column::Attempts, s.attempts + 1),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{backend:?}: update_with_retry inside a transaction: {e}"));
+    assert_eq!(written.version, 3);
+    assert_eq!(
+        written.title, "other",
+        "{backend:?}: built on the current row"
+    );
+    txn.commit().await.expect("commit");
+    let now = run_story::Entity::find_versioned(&t.db, story.id)
+        .await
+        .expect("read");
+    assert_eq!((now.version, now.attempts), (3, story.attempts + 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stale_update_inside_a_transaction_sees_the_current_version_on_mysql() {
+    a_stale_update_inside_a_transaction_sees_the_current_version(run_engine_tests::Backend::MySql)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stale_update_inside_a_transaction_sees_the_current_version_on_postgres() {
+    a_stale_update_inside_a_transaction_sees_the_current_version(
+        run_engine_tests::Backend::Postgres,
+    )
+    .await;
+}

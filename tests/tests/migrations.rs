@@ -14,7 +14,7 @@ use sea_orm_migration::sea_query::{Iden, IntoIden, Query, SimpleExpr};
 use std::collections::BTreeSet;
 
 /// The number of migrations in [`Migrator`].
-const MIGRATIONS: usize = 5;
+const MIGRATIONS: usize = 6;
 
 /// The name an iden stands for, e.g. `run_epic`.
 fn name(iden: impl Iden) -> String {
@@ -55,6 +55,10 @@ fn added_by(k: usize) -> (Vec<String>, Vec<(String, String)>) {
             .collect(),
         ),
         4 => (vec![], vec![]),
+        5 => (
+            vec![],
+            vec![(name(RunLog::Table), name(RunLog::BatchDigest))],
+        ),
         _ => unreachable!("there are {MIGRATIONS} migrations"),
     }
 }

@@ -2,7 +2,7 @@
 
 use entity::run;
 use run_domain::{
-    Changes, LogCursor, LogEntry, LogError, NewRun, VersionedUpdate, append_run_log,
+    AppendReceipt, Changes, LogCursor, LogEntry, LogError, NewRun, VersionedUpdate, append_run_log,
     append_run_logs, append_run_logs_idempotent, create_run, read_run_log, read_run_log_after,
 };
 use run_engine_tests::{Backend, TestDb, each_backend};
@@ -312,4 +312,143 @@ async fn deleting_a_run_deletes_its_log_on_sqlite() {
         .await
         .expect("delete");
     assert_eq!(run_engine_tests::count_rows(&t.db, "run_log").await, 0);
+}
+
+each_backend! {
+    /// A batch id appended again must be the same batch: another count of lines, or the same
+    /// count with one line changed, is refused and writes nothing; a true replay gets exactly
+    /// the first try's receipt.
+    async fn a_reused_batch_id_with_other_lines_is_refused_and_a_replay_gets_the_first_receipt(t) {
+        let run = new_run(&t.db).await;
+        let batch = Uuid::new_v4();
+        let first = append_run_logs_idempotent(&t.db, run.id, batch, ["a", "b", "c"])
+            .await
+            .expect("first try");
+        append_run_logs(&t.db, run.id, ["x", "y"]).await.expect("another batch");
+        for other in [
+            vec!["1", "2", "3", "4", "5"],
+            vec!["a", "b", "C"],
+            vec!["a", "b"],
+            vec!["ab", "c", ""],
+        ] {
+            match append_run_logs_idempotent(&t.db, run.id, batch, &other).await {
+                Err(LogError::BatchMismatch { batch_id }) => assert_eq!(batch_id, batch),
+                got => panic!("{other:?}: expected BatchMismatch, got {got:?}"),
+            }
+        }
+        let replay = append_run_logs_idempotent(&t.db, run.id, batch, ["a", "b", "c"])
+            .await
+            .expect("replay");
+        assert_eq!(replay, AppendReceipt { written: false, ..first.clone() });
+        let msgs: Vec<String> = read_all(&t.db, run.id).await.into_iter().map(|e| e.message).collect();
+        assert_eq!(msgs, ["a", "b", "c", "x", "y"], "nothing written by the refused tries");
+
+        // A batch written before batches carried a digest is checked against its lines.
+        let old = Uuid::new_v4();
+        let first = append_run_logs_idempotent(&t.db, run.id, old, ["p", "q"]).await.expect("old");
+        t.db.execute_unprepared("UPDATE run_log SET batch_digest = NULL").await.expect("strip");
+        assert!(matches!(
+            append_run_logs_idempotent(&t.db, run.id, old, ["p", "Q"]).await,
+            Err(LogError::BatchMismatch { .. })
+        ));
+        let replay = append_run_logs_idempotent(&t.db, run.id, old, ["p", "q"]).await.expect("replay");
+        assert_eq!(replay, AppendReceipt { written: false, ..first });
+    }
+}
+
+/// A connection pool of one connection, so that a session setting made on it holds for every
+/// statement sent through it.
+async fn one_connection(t: &TestDb) -> DatabaseConnection {
+    let mut opts = sea_orm::ConnectOptions::new(t.url.clone());
+    opts.max_connections(1)
+        .min_connections(1)
+        .sqlx_logging(false);
+    if t.backend == Backend::Sqlite {
+        // Give up on a held lock after 1 s instead of the default 60 s.
+        opts.map_sqlx_sqlite_opts(|o| o.busy_timeout(Duration::from_secs(1)));
+    }
+    let db = sea_orm::Database::connect(opts).await.expect("connect one");
+    let short_lock_wait = match t.backend {
+        Backend::Postgres => Some("SET lock_timeout = '1s'"),
+        Backend::MySql => Some("SET SESSION innodb_lock_wait_timeout = 1"),
+        Backend::Sqlite => None,
+    };
+    if let Some(sql) = short_lock_wait {
+        db.execute_unprepared(sql).await.expect("short lock wait");
+    }
+    db
+}
+
+/// Holds the run's log head locked in a transaction of its own for `hold`, as a writer stalled
+/// inside its append would; returns once the lock is taken, and the task that lets it go.
+async fn hold_log_head(t: &TestDb, run_id: Uuid, hold: Duration) -> tokio::task::JoinHandle<()> {
+    let db = t.reconnect().await;
+    let backend = t.db_backend();
+    let (taken, is_taken) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        use sea_orm::TransactionTrait;
+        let tx = match backend {
+            DbBackend::Sqlite => {
+                db.begin_with_options(sea_orm::TransactionOptions {
+                    isolation_level: None,
+                    access_mode: None,
+                    sqlite_transaction_mode: Some(sea_orm::SqliteTransactionMode::Immediate),
+                })
+                .await
+            }
+            _ => db.begin().await,
+        }
+        .expect("begin");
+        let sql = "UPDATE run_log_head SET last_seq = last_seq WHERE run_id = ?";
+        let (sql, id) = match backend {
+            DbBackend::Postgres => (sql.replace('?', "$1"), run_id.into()),
+            _ => (sql.to_owned(), run_id.into()),
+        };
+        tx.execute_raw(Statement::from_sql_and_values(backend, sql, [id]))
+            .await
+            .expect("lock the head");
+        let _ = taken.send(());
+        // The stall itself: the lock is held for this long, whatever the others do.
+        tokio::time::sleep(hold).await;
+        tx.rollback().await.expect("let go");
+    });
+    is_taken.await.expect("the head is locked");
+    task
+}
+
+each_backend! {
+    /// A writer that holds the log head past the others' lock-wait timeout delays their lines,
+    /// never drops them: the timeout is transient and the append tries again. The same hold
+    /// makes a plain statement on the head fail with that timeout, so the test can fail.
+    async fn a_lock_wait_timeout_on_the_log_head_delays_lines_and_loses_none(t) {
+        let run = new_run(&t.db).await;
+        append_run_log(&t.db, run.id, "before").await.expect("first line");
+        let db = one_connection(&t).await;
+
+        // The unsafe way: one try, no retry. It meets the timeout.
+        let holder = hold_log_head(&t, run.id, Duration::from_secs(3)).await;
+        let plain = db
+            .execute_unprepared(&format!(
+                "UPDATE run_log_head SET last_seq = last_seq WHERE run_id = {}",
+                match t.backend {
+                    Backend::Postgres => format!("'{}'", run.id),
+                    Backend::MySql => format!("UNHEX('{}')", run.id.simple()),
+                    Backend::Sqlite => format!("X'{}'", run.id.simple()),
+                }
+            ))
+            .await;
+        let err = plain.expect_err("a plain statement times out behind the held head");
+        assert!(run_domain::is_transient(&err), "{:?}: the lock-wait timeout is transient: {err}", t.backend);
+        holder.await.expect("holder");
+
+        // The append behind the same hold: delayed, then written, once.
+        let holder = hold_log_head(&t, run.id, Duration::from_secs(3)).await;
+        let receipt = append_run_logs(&db, run.id, ["started", "hello s1"])
+            .await
+            .expect("the append rides out the lock-wait timeout");
+        assert!(receipt.written);
+        holder.await.expect("holder");
+        let msgs: Vec<String> = read_all(&t.db, run.id).await.into_iter().map(|e| e.message).collect();
+        assert_eq!(msgs, ["before", "started", "hello s1"]);
+    }
 }

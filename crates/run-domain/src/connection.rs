@@ -121,42 +121,144 @@ pub async fn connect(url: &str) -> Result<DatabaseConnection, ConnectError> {
     Database::connect(opts)
         .await
         .map_err(|source| ConnectError::Database {
-            source: scrub(source, url, &redacted),
+            source: scrub(source),
             url: redacted,
         })
 }
 
-/// A driver error with `url`'s password removed: drivers quote a URL they cannot parse, and
-/// nothing this crate returns may carry a password.
-fn scrub(err: DbErr, url: &str, redacted: &str) -> DbErr {
-    let Some(password) = password_of(url) else {
-        return err;
-    };
-    let shown = format!("{err} {err:?}");
-    if !shown.contains(&password) && !shown.contains(url) {
+/// A driver error with every password removed: drivers quote a URL they cannot parse, and
+/// nothing this crate returns may carry a password. Redacts by structure ([`redact_text`]),
+/// never by searching for the password's text, which would garble any message that happens to
+/// contain it and give the password away by position.
+fn scrub(err: DbErr) -> DbErr {
+    let shown = format!("{err}");
+    let debug = format!("{err:?}");
+    if redact_text(&shown) == shown && redact_text(&debug) == debug {
         return err;
     }
-    DbErr::Custom(
-        err.to_string()
-            .replace(url, redacted)
-            .replace(&password, "***"),
-    )
+    DbErr::Custom(redact_text(&shown))
 }
 
-/// The password in `url`, found even when the URL does not parse.
-fn password_of(url: &str) -> Option<String> {
-    if let Ok(parsed) = url::Url::parse(url) {
-        return parsed.password().map(str::to_owned);
+/// Returns `text` with the password of every URL in it (the part of its userinfo after the
+/// first `:`) and every `password=...`/`password: ...` field replaced by `***`. Everything else
+/// is left exactly as it was: redaction goes by the structure of URLs and fields, never by the
+/// password's text, so a password like `o` or `127` garbles nothing.
+///
+/// ```
+/// use run_domain::redact_text;
+/// assert_eq!(
+///     redact_text("error connecting to 'postgres://app:o@db:5432/runs': Connection refused"),
+///     "error connecting to 'postgres://app:***@db:5432/runs': Connection refused"
+/// );
+/// assert_eq!(redact_text("host=db password=s3cret user=app"), "host=db password=*** user=app");
+/// assert_eq!(redact_text("mysql://root@127.0.0.1/test"), "mysql://root@127.0.0.1/test");
+/// ```
+pub fn redact_text(text: &str) -> String {
+    redact_fields(&redact_userinfo(text))
+}
+
+/// Characters that end a URL quoted in a message.
+fn ends_url(c: char) -> bool {
+    c.is_whitespace() || matches!(c, '\'' | '"' | '`' | '<' | '>' | '(' | ')' | ',' | ';')
+}
+
+/// Redacts the password of every `scheme://user:password@host` in `text`.
+fn redact_userinfo(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (before, after) = rest.split_at(at + 3);
+        out.push_str(before);
+        // The URL runs to the first character that cannot be in it; its userinfo ends at the
+        // last '@' before any query or fragment (a password may hold a raw '@' or '/').
+        let end = after.find(ends_url).unwrap_or(after.len());
+        let url = &after[..end];
+        let tail = url.find(['?', '#']).unwrap_or(url.len());
+        match url[..tail].rfind('@') {
+            Some(at) => {
+                let userinfo = &url[..at];
+                match userinfo.split_once(':') {
+                    Some((user, _)) => {
+                        out.push_str(user);
+                        out.push_str(":***");
+                    }
+                    None => out.push_str(userinfo),
+                }
+                rest = &after[at..];
+            }
+            None => rest = after,
+        }
     }
-    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
-    let userinfo = &rest[..rest.rfind('@')?];
-    let (_, password) = userinfo.split_once(':')?;
-    (!password.is_empty()).then(|| password.to_owned())
+    out.push_str(rest);
+    out
+}
+
+/// Redacts the value of every field named `password` (any case): `password=v`,
+/// `password: v`, `password: Some("v")`, `password = 'v'`.
+fn redact_fields(text: &str) -> String {
+    const NAME: &str = "password";
+    let lower = text.to_ascii_lowercase();
+    let mut out = String::with_capacity(text.len());
+    let mut from = 0;
+    let mut search = 0;
+    while let Some(found) = lower[search..].find(NAME) {
+        let name_end = search + found + NAME.len();
+        search = name_end;
+        // A whole word only: not `passwords` or `no_password`.
+        let start = search - NAME.len();
+        let before_ok = text[..start]
+            .chars()
+            .next_back()
+            .is_none_or(|c| !c.is_alphanumeric() && c != '_');
+        if !before_ok {
+            continue;
+        }
+        let after = &text[name_end..];
+        let trimmed = after.trim_start_matches(' ');
+        let Some(sep) = trimmed.chars().next().filter(|c| matches!(c, '=' | ':')) else {
+            continue;
+        };
+        let mut value_start = name_end + (after.len() - trimmed.len()) + sep.len_utf8();
+        value_start +=
+            text[value_start..].len() - text[value_start..].trim_start_matches(' ').len();
+        let mut value = &text[value_start..];
+        if let Some(inner) = value.strip_prefix("Some(") {
+            value_start += "Some(".len();
+            value = inner;
+        }
+        let (open, quote) = match value.chars().next() {
+            Some(q @ ('"' | '\'')) => (1, Some(q)),
+            _ => (0, None),
+        };
+        let body = &value[open..];
+        let len = match quote {
+            Some(q) => body.find(q).unwrap_or(body.len()),
+            None => body
+                .find(|c: char| ends_url(c) || c == '&')
+                .unwrap_or(body.len()),
+        };
+        if len == 0
+            || body[..len].starts_with("***")
+            || body[..len] == *"YES"
+            || body[..len] == *"NO"
+        {
+            continue;
+        }
+        let value_begin = value_start + open;
+        out.push_str(&text[from..value_begin]);
+        out.push_str("***");
+        from = value_begin + len;
+        search = from;
+    }
+    out.push_str(&text[from..]);
+    out
 }
 
 /// True when `err` is worth retrying as is: the connection broke or was killed, the server is
-/// restarting, the pool had no connection in time, or the database chose this transaction as a
-/// deadlock or serialisation victim. Constraint violations, type errors and the like are not.
+/// restarting, the pool had no connection in time, a lock was not granted in time (PostgreSQL
+/// `55P03` under `lock_timeout`, MariaDB 1205 under `innodb_lock_wait_timeout`, SQLite busy), or
+/// the database chose this transaction as a deadlock or serialisation victim (`40P01`, `40001`,
+/// MariaDB 1213). Constraint violations, type errors and the like are not.
 ///
 /// Only idempotent work may be retried blindly: run-log appends carry a batch id for that
 /// reason and are retried inside [`crate::append_run_logs`]. A compare-and-swap whose first try
@@ -171,12 +273,27 @@ pub fn is_transient(err: &DbErr) -> bool {
                 E::Io(_) | E::PoolTimedOut | E::PoolClosed | E::WorkerCrashed | E::Protocol(_) => {
                     true
                 }
-                E::Database(db) => db.code().is_some_and(|code| transient_code(&code)),
+                E::Database(db) => {
+                    // MariaDB reports a lock-wait timeout (1205) under the catch-all SQLSTATE
+                    // HY000: only its error number tells it apart.
+                    let mysql_number = db
+                        .try_downcast_ref::<sea_orm::sqlx::mysql::MySqlDatabaseError>()
+                        .map(|e| e.number());
+                    mysql_number.is_some_and(transient_mysql_number)
+                        || db.code().is_some_and(|code| transient_code(&code))
+                }
                 _ => false,
             }
         }
         _ => false,
     }
+}
+
+/// MariaDB error numbers of a retryable failure: the transaction waited too long for a lock
+/// (1205) or was chosen as a deadlock victim (1213); the statement or connection was killed
+/// (1927, 1317); the server is shutting down (1053).
+fn transient_mysql_number(number: u16) -> bool {
+    matches!(number, 1205 | 1213 | 1317 | 1927 | 1053)
 }
 
 /// SQLSTATE (PostgreSQL, MariaDB) or result code (SQLite) of a retryable failure.
@@ -187,6 +304,7 @@ fn transient_code(code: &str) -> bool {
             code,
             "40001" // serialization failure; MariaDB deadlock (1213)
             | "40P01" // deadlock detected
+            | "55P03" // lock not available: lock_timeout ran out
             | "70100" // MariaDB: query/connection killed
             | "5" | "6" | "517" // SQLite BUSY, LOCKED, BUSY_SNAPSHOT
         )

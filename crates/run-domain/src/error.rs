@@ -98,7 +98,9 @@ pub enum LogError {
         /// The id asked for.
         run_id: Uuid,
     },
-    /// A batch id was reused for a different batch (other lines, or another run).
+    /// A batch id was appended again with a different batch: another run, another number of
+    /// lines, or other bytes in any line (checked against a digest stored with the first try).
+    /// Nothing was written.
     #[error("batch {batch_id} was already appended with different content")]
     BatchMismatch {
         /// The batch id.

@@ -13,7 +13,7 @@
 //! contended only now and then (a story's status, a lease, a run's completion).
 
 use crate::error::{ConcurrencyError, TransitionError};
-use crate::versioned::{Changes, VersionedUpdate};
+use crate::versioned::{Changes, VersionedUpdate, find_current};
 use sea_orm::{ConnectionTrait, TransactionTrait};
 use std::future::Future;
 use std::time::Duration;
@@ -118,6 +118,11 @@ where
 /// re-reads and re-applies `change` to the fresh row, up to `policy.max_attempts` times.
 /// Returns the row as written, or the last conflict.
 ///
+/// Works inside a caller's transaction too: the row is read as committed now (on MariaDB, where
+/// a plain read inside a transaction returns the transaction's snapshot, with a locking read,
+/// which keeps the row locked until the transaction ends), so a retry sees the version that beat
+/// the last try.
+///
 /// ```no_run
 /// use entity::run_story;
 /// use run_domain::{Changes, RetryPolicy, update_with_retry};
@@ -143,7 +148,9 @@ where
 {
     let mut attempt = 1;
     loop {
-        let current = E::find_versioned(db, id).await?;
+        // SAFETY(snapshot): a current read, so that inside a caller's transaction on MariaDB
+        // a retry sees the version that beat it, not its snapshot's (and so can succeed).
+        let current = find_current::<E, C>(db, id).await?;
         let changes = change(&current);
         match E::update_versioned(db, id, E::version_of(&current), changes).await {
             Err(e) if e.is_retryable() && attempt < policy.max_attempts.max(1) => {

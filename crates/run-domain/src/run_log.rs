@@ -20,7 +20,7 @@
 use crate::connection::is_transient;
 use crate::error::LogError;
 use crate::retry::RetryPolicy;
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, SecondsFormat, SubsecRound, Utc};
 use entity::{run, run_log, run_log_head};
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Query};
 use sea_orm::{
@@ -338,9 +338,19 @@ where
     } else {
         None
     };
+    let digest = batch_digest(messages);
     if let Some(first) = earlier {
+        // SAFETY(idempotency): a replay must be the first try again (same run, same lines), or
+        // its receipt would claim lines of other batches; it is checked before anything is
+        // written, and the head's reservation is rolled back either way.
+        let same = first.run_id == run_id
+            && match &first.batch_digest {
+                Some(stored) => stored.as_slice() == digest.as_slice(),
+                // Written before batches carried a digest: compare the lines themselves.
+                None => same_lines(&tx, batch_id, messages).await?,
+            };
         tx.rollback().await?;
-        if first.run_id != run_id {
+        if !same {
             return Err(LogError::BatchMismatch { batch_id });
         }
         return Ok(AppendReceipt {
@@ -353,7 +363,9 @@ where
     }
 
     // Taken under the head's lock, so timestamps follow `seq` on any one machine's clock.
-    let logged_at = Utc::now();
+    // Microseconds, as every backend stores them: the receipt says exactly what a replay's
+    // receipt (read back from the rows) will say.
+    let logged_at = Utc::now().trunc_subsecs(6);
     let first_seq = last - n + 1;
     // Bound each INSERT by rows and by bytes: MariaDB refuses packets over max_allowed_packet
     // (16 MiB by default), and every backend limits bound parameters.
@@ -379,6 +391,7 @@ where
             line_no: Set(i32::try_from(i).unwrap_or(i32::MAX)),
             logged_at: Set(logged_at),
             message: Set(message.to_vec()),
+            batch_digest: Set((i == 0).then(|| digest.to_vec())),
         });
     }
     if !rows.is_empty() {
@@ -417,8 +430,9 @@ where
     const SQL: &str = "WITH head AS (\
             UPDATE run_log_head SET last_seq = last_seq + $2 WHERE run_id = $1 \
             RETURNING last_seq, clock_timestamp() AS at) \
-        INSERT INTO run_log (run_id, seq, batch_id, line_no, logged_at, message) \
-        SELECT $1, head.last_seq - $2 + line.n, $3, (line.n - 1)::int, head.at, line.message \
+        INSERT INTO run_log (run_id, seq, batch_id, line_no, logged_at, message, batch_digest) \
+        SELECT $1, head.last_seq - $2 + line.n, $3, (line.n - 1)::int, head.at, line.message, \
+            CASE WHEN line.n = 1 THEN $5::bytea END \
         FROM head, unnest($4::bytea[]) WITH ORDINALITY AS line(message, n) \
         RETURNING seq, logged_at";
     let n = i64::try_from(messages.len()).unwrap_or(i64::MAX);
@@ -432,7 +446,13 @@ where
         .query_all_raw(sea_orm::Statement::from_sql_and_values(
             DbBackend::Postgres,
             SQL,
-            [run_id.into(), n.into(), batch_id.into(), bytes.into()],
+            [
+                run_id.into(),
+                n.into(),
+                batch_id.into(),
+                bytes.into(),
+                batch_digest(messages).to_vec().into(),
+            ],
         ))
         .await?;
     let mut first_seq = i64::MAX;
@@ -451,6 +471,42 @@ where
         logged_at,
         written: true,
     }))
+}
+
+/// The SHA-256 of a batch: its line count, then each line's length and bytes, so that batches
+/// that differ in any line, in where lines split, or in their number never share a digest.
+fn batch_digest<S: AsRef<str>>(messages: &[S]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    hasher.update((messages.len() as u64).to_le_bytes());
+    for message in messages {
+        let bytes = message.as_ref().as_bytes();
+        hasher.update((bytes.len() as u64).to_le_bytes());
+        hasher.update(bytes);
+    }
+    hasher.finalize().into()
+}
+
+/// Whether the lines stored under `batch_id` are exactly `messages` (for batches written before
+/// batches carried a digest).
+async fn same_lines<C: ConnectionTrait, S: AsRef<str>>(
+    tx: &C,
+    batch_id: Uuid,
+    messages: &[S],
+) -> Result<bool, LogError> {
+    let stored: Vec<Vec<u8>> = run_log::Entity::find()
+        .select_only()
+        .column(run_log::Column::Message)
+        .filter(run_log::Column::BatchId.eq(batch_id))
+        .order_by_asc(run_log::Column::LineNo)
+        .into_tuple()
+        .all(tx)
+        .await?;
+    Ok(stored.len() == messages.len()
+        && stored
+            .iter()
+            .zip(messages)
+            .all(|(stored, m)| stored.as_slice() == m.as_ref().as_bytes()))
 }
 
 /// Bumps the run's head by `n` and returns the new last seq, or `None` when it has no head row.

@@ -341,18 +341,17 @@ where
 }
 
 /// Why a compare-and-swap matched no row: the row's version now, or its absence.
+///
+/// The version is read as it is now, not as a caller's transaction once saw it: on MariaDB a
+/// plain SELECT inside a REPEATABLE READ transaction reads the transaction's snapshot, which
+/// may predate the change that made the swap miss, so the read there is a locking (current)
+/// read. PostgreSQL and SQLite read the latest committed row per statement.
 async fn explain_miss<E: Versioned, C: ConnectionTrait>(
     db: &C,
     id: Uuid,
     expected: i32,
 ) -> ConcurrencyError {
-    let found = E::find()
-        .select_only()
-        .column(E::version_column())
-        .filter(E::id_column().eq(id))
-        .into_tuple::<i32>()
-        .one(db)
-        .await;
+    let found = current_version::<E, C>(db, id).await;
     match found {
         Ok(Some(actual)) => ConcurrencyError::Conflict {
             entity: E::NAME,
@@ -366,4 +365,40 @@ async fn explain_miss<E: Versioned, C: ConnectionTrait>(
         },
         Err(e) => ConcurrencyError::Database(e),
     }
+}
+
+/// The row's version as committed now (a locking read on MariaDB, where a plain read inside a
+/// transaction returns the transaction's snapshot); `None` when there is no such row.
+pub(crate) async fn current_version<E: Versioned, C: ConnectionTrait>(
+    db: &C,
+    id: Uuid,
+) -> Result<Option<i32>, sea_orm::DbErr> {
+    let mut select = E::find()
+        .select_only()
+        .column(E::version_column())
+        .filter(E::id_column().eq(id));
+    if db.get_database_backend() == DbBackend::MySql {
+        // SAFETY(snapshot): a current read, so a caller inside a transaction learns the
+        // version that made its swap miss, not the one its snapshot holds.
+        select = select.lock_exclusive();
+    }
+    select.into_tuple::<i32>().one(db).await
+}
+
+/// Reads the row as committed now: like [`VersionedUpdate::find_versioned`], but a locking
+/// (current) read on MariaDB, so that inside a caller's transaction it sees changes committed
+/// after the transaction's snapshot was taken. Inside a transaction on MariaDB the row then
+/// stays locked until the transaction ends.
+pub(crate) async fn find_current<E: Versioned, C: ConnectionTrait>(
+    db: &C,
+    id: Uuid,
+) -> Result<E::Model, ConcurrencyError> {
+    let mut select = E::find().filter(E::id_column().eq(id));
+    if db.get_database_backend() == DbBackend::MySql {
+        select = select.lock_exclusive();
+    }
+    select.one(db).await?.ok_or(ConcurrencyError::NotFound {
+        entity: E::NAME,
+        id,
+    })
 }

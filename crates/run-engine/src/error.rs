@@ -37,6 +37,11 @@ pub enum EngineError {
     /// Appending to or reading the run log failed.
     #[error(transparent)]
     Log(#[from] LogError),
+    /// Lines could not be written to the run log even after retrying (the database stayed
+    /// unreachable, or kept refusing them): the stories they belong to were given back, not
+    /// recorded, and the execution stopped.
+    #[error("the run log lost lines, so the execution stopped: {0}")]
+    LogLost(crate::log_sink::LogSinkError),
     /// Creating the run from a plan failed.
     #[error(transparent)]
     Create(#[from] CreateError),

@@ -21,12 +21,14 @@
 //! A story without output costs three statements: the claim, the result (both
 //! compare-and-swap), and one indexed look whether its epic has stories left
 //! ([`crate::finish::epic_has_unfinished`]), skipped while another worker of this process holds
-//! a story of the epic (the last of them to record looks). Its log lines (claimed, finished)
-//! go through one [`LogSink`] writer per execution, shared by every worker: they are written
-//! in batches together with every other worker's (group commit), and only a story whose
-//! handler wrote output waits for them, before its result is recorded, so that a reader who
-//! sees a story finished has seen its output. Queued lines are written before an epic or the
-//! run is finished and before [`Executor::execute`] returns.
+//! a story of the epic (the last of them to record looks). Its log lines (started, its output,
+//! and the line that tells its result) go through one [`LogSink`] writer per execution, shared
+//! by every worker: they are written in batches together with every other worker's (group
+//! commit), and the worker waits for them before it records the result, so that whoever sees
+//! the story finished has every line of it, and the run's closing line, written once every
+//! epic is finished ([`crate::finish`]), is the last line of its log. Lines that cannot be
+//! written even after retrying are never left behind silently: the story is given back instead
+//! of recorded, and the execution stops with [`EngineError::LogLost`].
 //!
 //! A worker that loses its lease (its renewal or its release conflicts) is fenced off: it stops
 //! its handler and records nothing. See [`crate::lease`].
@@ -44,7 +46,8 @@
 //! ([`crate::lease::claimed_by`], [`crate::lease::still_held`], [`crate::lease::released_by`]):
 //! a claim is kept, a renewal adopted, a result counted as recorded. Lines that say an epic or
 //! the run finished carry a batch id derived from its id, so they are written once whoever
-//! writes them and however often.
+//! writes them and however often. A result line whose record is then refused (another worker
+//! took the story over) is followed by a `fenced off` line saying it was not recorded.
 //!
 //! A renewal that fails transiently is tried again sooner than the next one would be; the story
 //! keeps running. Only when no renewal got through for (nine tenths of) a whole lease, after
@@ -63,18 +66,16 @@ use crate::lease::{
     Claim, Lease, Release, TryClaim, claimed_by, expired_leases, give_back, pending_candidates,
     release, released_by, renew_lease, still_held, try_claim,
 };
-use crate::log_sink::LogSink;
+use crate::log_sink::{LogSink, LogSinkError};
 use crate::retry::{backoff, retry_transient};
 use crate::status::StoryCounts;
 use chrono::Utc;
 use entity::{run, run_epic, run_story};
 use run_domain::{
     ConcurrencyError, EpicStatus, Lifecycle, RunStatus, StoryStatus, TransitionError,
-    VersionedUpdate, append_run_logs_idempotent,
+    VersionedUpdate,
 };
-use sea_orm::{
-    ColumnTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
-};
+use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::future::Future;
@@ -96,9 +97,6 @@ const RUN_WATCH_EVERY: Duration = Duration::from_millis(500);
 const MAX_CONSECUTIVE_FAILURES: u32 = 10;
 /// How often in a row a release may find the story one of our own renewals on.
 const MAX_ADOPTIONS: u32 = 3;
-/// Salts of the batch ids of the lines that say an epic or a run finished.
-const EPIC_LINE_SALT: u128 = 0x5a17_e91c_0000_0000_0000_0000_0000_0001;
-const RUN_LINE_SALT: u128 = 0x5a17_7a11_0000_0000_0000_0000_0000_0002;
 /// Events buffered for slow subscribers.
 const EVENT_BUFFER: usize = 4096;
 
@@ -541,6 +539,9 @@ struct Execution {
     run_started: AtomicBool,
     /// Set when a worker stopped on errors: the others claim nothing new.
     worker_failed: AtomicBool,
+    /// Set when lines could not be written to the run log: nothing more is claimed, and the
+    /// execution returns the error instead of a summary.
+    log_lost: Mutex<Option<LogSinkError>>,
     stats: Arc<Stats>,
     /// The run's log: one writer for every worker, each story a prefix of its own.
     log: LogSink,
@@ -675,6 +676,7 @@ impl Executor {
             started_epics: Mutex::new(HashSet::new()),
             run_started: AtomicBool::new(status != RunStatus::Pending),
             worker_failed: AtomicBool::new(false),
+            log_lost: Mutex::new(None),
             stats: stats.clone(),
             log: LogSink::start_with_retry(db.clone(), run_id, "", self.inner.config.budget()),
             candidates: tokio::sync::Mutex::new(Candidates::default()),
@@ -711,10 +713,15 @@ impl Executor {
         // Lines still queued (the last stories' closing lines) go in before the run is settled
         // and before this returns, so nothing of this execution is written after it.
         if let Err(e) = execution.log.flush().await {
-            execution.warn(e.to_string());
+            execution.log_lost(e);
         }
         if let Some(e) = first_error {
             return Err(e);
+        }
+        // Lines that could not be written fail the execution loudly: the run is not settled
+        // by a process whose log lost lines (their stories were given back, not recorded).
+        if let Some(lost) = execution.log_lost.lock().ok().and_then(|mut l| l.take()) {
+            return Err(EngineError::LogLost(lost));
         }
 
         let current = self
@@ -732,9 +739,6 @@ impl Executor {
         let run = self
             .retrying(&stats, "settling the run", || settle_run(db, run_id))
             .await?;
-        // A worker that could not write the lines that say the epics and the run finished
-        // (or a run settled here) gets them written now; written before, they are not again.
-        execution.log_finish_lines(&run).await;
         let counts = self
             .retrying(&stats, "counting the run's stories", || {
                 StoryCounts::of_run(db, run_id)
@@ -833,6 +837,7 @@ impl Execution {
         self.shutdown.level() != ShutdownLevel::Running
             || self.run_status.borrow().is_terminal()
             || self.worker_failed.load(Ordering::Relaxed)
+            || self.log_lost.lock().map_or(true, |lost| lost.is_some())
     }
 
     /// `op` through transient failures, within the retry budget; each retry counted and warned
@@ -850,61 +855,12 @@ impl Execution {
         .await
     }
 
-    /// Appends one run-level line (not about one story).
+    /// Appends one run-level line (not about one story) and waits until it is written.
     async fn log_run_line(&self, line: String) {
-        self.log_run_line_as(Uuid::new_v4(), line).await;
-    }
-
-    /// Appends one run-level line under `batch_id`: however often this is called with one id,
-    /// by whichever worker or process, the line is written once.
-    async fn log_run_line_as(&self, batch_id: Uuid, line: String) {
-        let (result, _) = self
-            .retrying("appending to the run log", || {
-                append_run_logs_idempotent(self.db(), self.run_id, batch_id, [line.as_str()])
-            })
-            .await;
-        if let Err(e) = result {
-            self.warn(format!("could not append to the run log: {e}"));
+        self.log.line(line).await;
+        if let Err(e) = self.log.flush().await {
+            self.log_lost(e);
         }
-    }
-
-    /// Writes the lines that say the run's epics and the run finished, for those that did;
-    /// lines already written are not written again (their batch ids come from the ids).
-    async fn log_finish_lines(&self, run: &run::Model) {
-        let (epics, _) = self
-            .retrying("reading the run's epics", || {
-                run_epic::Entity::find()
-                    .filter(run_epic::Column::RunId.eq(self.run_id))
-                    .order_by_asc(run_epic::Column::Position)
-                    .all(self.db())
-            })
-            .await;
-        let Ok(epics) = epics else { return };
-        for epic in &epics {
-            if EpicStatus::parse(&epic.status).is_some_and(|s| s.is_terminal()) {
-                self.log_epic_finished(epic).await;
-            }
-        }
-        if RunStatus::parse(&run.status).is_some_and(|s| s.is_terminal()) {
-            self.log_run_finished(run).await;
-        }
-    }
-
-    async fn log_epic_finished(&self, epic: &run_epic::Model) {
-        self.log_run_line_as(
-            finish_line_batch(epic.id, EPIC_LINE_SALT),
-            format!("epic {} {}", epic.key, epic.status),
-        )
-        .await;
-    }
-
-    async fn log_run_finished(&self, run: &run::Model) {
-        let line = match &run.error {
-            Some(error) => format!("run {} {}: {error}", run.key, run.status),
-            None => format!("run {} {}", run.key, run.status),
-        };
-        self.log_run_line_as(finish_line_batch(run.id, RUN_LINE_SALT), line)
-            .await;
     }
 
     /// One worker's loop; see the module docs.
@@ -1144,9 +1100,8 @@ impl Execution {
                 outcome: None,
                 stop: Some(Stop::RunCancelled),
             };
-            let nothing = log.lines_queued();
             let finished = self
-                .record(&sref, &log, story, lease, ending, Duration::ZERO, nothing)
+                .record(&sref, &log, story, lease, ending, Duration::ZERO)
                 .await;
             self.after_recorded(finished, held).await;
             return;
@@ -1176,7 +1131,6 @@ impl Execution {
             taken_over_from: claim.taken_over_from.clone(),
         });
 
-        let output_from = log.lines_queued();
         let started = Instant::now();
         let (cancel_handle, cancel) = Cancellation::new();
         let ctx = StoryContext {
@@ -1189,9 +1143,7 @@ impl Execution {
         };
         let (ending, last) = self.supervise(ctx, cancel_handle, story, lease).await;
         let elapsed = started.elapsed();
-        let finished = self
-            .record(&sref, &log, last, lease, ending, elapsed, output_from)
-            .await;
+        let finished = self.record(&sref, &log, last, lease, ending, elapsed).await;
         self.after_recorded(finished, held).await;
     }
 
@@ -1389,10 +1341,6 @@ impl Execution {
 
     /// Records how the attempt ended, from the version of the last renewal. Returns the story
     /// when it reached a terminal status.
-    #[allow(
-        clippy::too_many_arguments,
-        reason = "private; each argument is one fact about the attempt"
-    )]
     async fn record(
         &self,
         sref: &StoryRef,
@@ -1401,18 +1349,8 @@ impl Execution {
         lease: &Lease,
         ending: Ending,
         elapsed: Duration,
-        output_from: u64,
     ) -> Option<run_story::Model> {
         let worker = &lease.owner;
-        // The story's output (lines the handler queued after `output_from`) goes in before its
-        // result, so that a reader who sees the story finished has seen every line of it. A
-        // story without output does not wait for the log: its executor lines go in with the
-        // next batch.
-        if log.lines_queued() > output_from
-            && let Err(e) = log.flush().await
-        {
-            self.warn(e.to_string());
-        }
         let (outcome, stop) = match ending {
             Ending::Fenced { detail } => {
                 self.fenced(sref, log, worker, &detail).await;
@@ -1433,6 +1371,20 @@ impl Execution {
                 error: "the story handler did not stop".to_owned(),
             }),
         };
+        // SAFETY(log order): the story's output and the line that tells its result go in
+        // before the result is recorded, so that whoever sees the story finished (and then
+        // writes its epic's or the run's closing line) has every line of it before its own.
+        let took = format!("{:.2}s", elapsed.as_secs_f64());
+        log.line(result_line(how.as_ref(), stop, &held, worker, &took))
+            .await;
+        if let Err(e) = log.flush().await {
+            // Nothing is recorded without its lines: the story goes back to pending (or, if
+            // the database cannot be reached either, its lease expires) and this execution
+            // stops with the error.
+            self.log_lost(e);
+            let _ = give_back(self.db(), &held).await;
+            return None;
+        }
         let started = Instant::now();
         let mut failures = 0u32;
         let mut adoptions = 0u32;
@@ -1515,34 +1467,12 @@ impl Execution {
         let attempt = held.attempts;
         if how.is_none() {
             self.stats.given_back.fetch_add(1, Ordering::Relaxed);
-            let why = if stop == Some(Stop::LeaseRunOut) {
-                format!("stopped: {worker} could not renew its lease in time; lease given back")
-            } else {
-                format!("stopped on shutdown; lease given back by {worker}")
-            };
-            log.line(format!("{why}, attempt {attempt} not counted"))
-                .await;
             self.emit(ExecutorEvent::GaveBack {
                 story: sref.clone(),
                 worker: worker.clone(),
             });
         } else {
             self.stats.recorded.fetch_add(1, Ordering::Relaxed);
-            let took = format!("{:.2}s", elapsed.as_secs_f64());
-            let line = match (status, &story.error) {
-                (StoryStatus::Completed, _) => format!("completed in {took} by {worker}"),
-                (StoryStatus::Pending, Some(error)) => format!(
-                    "attempt {attempt} of {} failed after {took} on {worker}: {error}; will retry",
-                    story.max_attempts
-                ),
-                (StoryStatus::Failed, Some(error)) => format!(
-                    "failed after {took} on {worker}, attempt {attempt} of {}: {error}",
-                    story.max_attempts
-                ),
-                (StoryStatus::Cancelled, _) => format!("cancelled on {worker}"),
-                (other, _) => format!("{other} on {worker}"),
-            };
-            log.line(line).await;
             self.emit(ExecutorEvent::Finished {
                 story: sref.clone(),
                 status,
@@ -1553,20 +1483,26 @@ impl Execution {
                 worker: worker.clone(),
             });
         }
-        // The closing line is not waited for here: it goes in with the next batch of this
-        // process's log (at the latest before an epic or the run is finished, or before the
-        // execution returns), so that a story costs one wait on the log, not two.
         status.is_terminal().then_some(story)
+    }
+
+    /// Remembers that lines could not be written: this execution claims nothing more and
+    /// returns the error.
+    fn log_lost(&self, error: LogSinkError) {
+        self.warn(error.to_string());
+        if let Ok(mut lost) = self.log_lost.lock() {
+            lost.get_or_insert(error);
+        }
     }
 
     async fn fenced(&self, sref: &StoryRef, log: &LogSink, worker: &str, detail: &str) {
         self.stats.fenced.fetch_add(1, Ordering::Relaxed);
         log.line(format!(
-            "fenced off: {worker} lost its lease (another worker took the story over: {detail}); result dropped"
+            "fenced off: {worker} lost its lease (another worker took the story over: {detail}); its result was not recorded"
         ))
         .await;
         if let Err(e) = log.flush().await {
-            self.warn(e.to_string());
+            self.log_lost(e);
         }
         self.emit(ExecutorEvent::Fenced {
             story: sref.clone(),
@@ -1624,7 +1560,6 @@ impl Execution {
                 return;
             }
         };
-        self.log_epic_finished(&epic).await;
         self.emit(ExecutorEvent::EpicFinished {
             key: epic.key.clone(),
             status: epic.status.clone(),
@@ -1653,7 +1588,6 @@ impl Execution {
                 return;
             }
         };
-        self.log_run_finished(&run).await;
         self.emit(ExecutorEvent::RunFinished { status: run.status });
     }
 }
@@ -1684,28 +1618,35 @@ async fn renew(db: &DatabaseConnection, held: &run_story::Model, lease: &Lease) 
     }
 }
 
-/// The batch id of the line that says the epic or run `id` finished: derived from the id, so
-/// that whichever worker writes the line, however often, it is written once. A version-8
-/// (custom) UUID, so it never equals the random (version-4) batch id of any other line.
-fn finish_line_batch(id: Uuid, salt: u128) -> Uuid {
-    let bits = id.as_u128() ^ salt;
-    let version = 0xf_u128 << 76;
-    let variant = 0x3_u128 << 62;
-    Uuid::from_u128((bits & !version & !variant) | (0x8 << 76) | (0x2 << 62))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn finish_line_batch_ids_are_stable_distinct_and_never_random_ones() {
-        let epic = Uuid::new_v4();
-        let a = finish_line_batch(epic, EPIC_LINE_SALT);
-        assert_eq!(a, finish_line_batch(epic, EPIC_LINE_SALT));
-        assert_ne!(a, finish_line_batch(epic, RUN_LINE_SALT));
-        assert_ne!(a, finish_line_batch(Uuid::new_v4(), EPIC_LINE_SALT));
-        assert_eq!(a.get_version_num(), 8);
-        assert_eq!(a.get_variant(), uuid::Variant::RFC4122);
+/// The line that tells how an attempt ended, written before its result is recorded: `how` is
+/// the release (`None`: the lease is given back), `stop` why the handler was stopped, `held` the
+/// story as this worker holds it.
+fn result_line(
+    how: Option<&Release>,
+    stop: Option<Stop>,
+    held: &run_story::Model,
+    worker: &str,
+    took: &str,
+) -> String {
+    let attempt = held.attempts;
+    let max = held.max_attempts;
+    match how {
+        None if stop == Some(Stop::LeaseRunOut) => format!(
+            "stopped: {worker} could not renew its lease in time; lease given back, attempt {attempt} not counted"
+        ),
+        None => format!(
+            "stopped on shutdown; lease given back by {worker}, attempt {attempt} not counted"
+        ),
+        Some(release) => match (release.target(held), release) {
+            (StoryStatus::Completed, _) => format!("completed in {took} by {worker}"),
+            (StoryStatus::Pending, Release::Failed { error }) => format!(
+                "attempt {attempt} of {max} failed after {took} on {worker}: {error}; will retry"
+            ),
+            (StoryStatus::Failed, Release::Failed { error }) => {
+                format!("failed after {took} on {worker}, attempt {attempt} of {max}: {error}")
+            }
+            (StoryStatus::Cancelled, _) => format!("cancelled on {worker}"),
+            (other, _) => format!("{other} on {worker}"),
+        },
     }
 }

@@ -1,4 +1,13 @@
-//! Starting and finishing epics and runs as their stories start and finish.
+//! Starting and finishing epics and runs as their stories start and finish, and the lines that
+//! say so.
+//!
+//! The line that says an epic or a run finished is written *before* its status changes, under a
+//! batch id derived from its id and verdict (written once however many workers race to write
+//! it), so that whoever sees an epic finished has its line in the log before any later one. A
+//! story's result line goes in before its result is recorded (see the executor), so the run's
+//! closing line, written once every epic is finished, is the last line of its log in commit
+//! order, on every path: completed, failed, and cancelled (then it is written by whoever
+//! finishes the last epic, or by the cancellation itself when nothing was running).
 //!
 //! An epic starts (pending to running) with its first claimed story and finishes once every
 //! story of it is terminal: failed if any story failed, else cancelled if any was cancelled, else
@@ -10,8 +19,9 @@ use crate::error::EngineError;
 use crate::status::StoryCounts;
 use entity::{run, run_epic, run_story};
 use run_domain::{
-    Changes, ConcurrencyError, EpicStatus, Lifecycle, RetryPolicy, RunStatus, StoryStatus,
-    TransitionError, VersionedUpdate, retry, transition, transition_with,
+    Changes, ConcurrencyError, EpicStatus, Lifecycle, LogError, RetryPolicy, RunStatus,
+    StoryStatus, TransitionError, VersionedUpdate, append_run_logs_idempotent, retry, transition,
+    transition_with,
 };
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
@@ -124,7 +134,8 @@ where
     C: ConnectionTrait + TransactionTrait,
 {
     let policy = RetryPolicy::default();
-    let result = retry(&policy, |_| async {
+    let mut attempt = 1;
+    loop {
         let epic = run_epic::Entity::find_versioned(db, epic_id).await?;
         let status = EpicStatus::parse(&epic.status)
             .ok_or_else(|| unknown("run_epic", epic.id, &epic.status))?;
@@ -135,12 +146,12 @@ where
         // statement of its own, so of two workers finishing the last two stories at least
         // the later one sees both terminal (every backend reads committed rows per statement
         // outside a transaction).
-        let counts = StoryCounts::of_epic(db, epic_id)
-            .await
-            .map_err(ConcurrencyError::Database)?;
+        let counts = StoryCounts::of_epic(db, epic_id).await?;
         if counts.unfinished() > 0 {
             return Ok(None);
         }
+        // Every story is terminal, so the verdict can no longer change: its line may go in
+        // before the epic's status, by whichever worker gets here.
         let verdict = Verdict::of(counts.failed, counts.cancelled);
         let changes = if verdict == Verdict::Failed {
             Changes::new().set(
@@ -154,15 +165,22 @@ where
         } else {
             Changes::new()
         };
-        transition_with::<run_epic::Entity, _>(db, &epic, verdict.epic(), changes)
-            .await
-            .map(Some)
-    })
-    .await;
-    match result {
-        Ok(done) => Ok(done),
-        Err(TransitionError::Illegal { .. }) => Ok(None),
-        Err(e) => Err(e.into()),
+        append_closing_line(
+            db,
+            epic.run_id,
+            finish_line_batch(epic.id, EPIC_LINE_SALT),
+            format!("epic {} {}", epic.key, verdict.epic()),
+        )
+        .await?;
+        match transition_with::<run_epic::Entity, _>(db, &epic, verdict.epic(), changes).await {
+            Ok(epic) => return Ok(Some(epic)),
+            Err(e) if e.is_conflict() && attempt < policy.max_attempts => {
+                tokio::time::sleep(policy.delay(attempt)).await;
+                attempt += 1;
+            }
+            Err(TransitionError::Illegal { .. }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 
@@ -193,25 +211,31 @@ pub async fn epic_has_unfinished<C: ConnectionTrait>(db: &C, epic_id: Uuid) -> R
     Ok(one.is_some())
 }
 
-/// Finishes the run if every epic of it is terminal and it is not finished yet (a cancelled
-/// run is already finished). Returns the run when this call finished it.
+/// Finishes the run if every epic of it is terminal and it is not finished yet, writing its
+/// closing line first. Returns the run when this call finished it. A run cancelled while its
+/// stories ran is already terminal: once its last epic is finished, this writes its closing
+/// line (and returns `None`).
 pub async fn finish_run_if_done<C>(db: &C, run_id: Uuid) -> Result<Option<run::Model>, EngineError>
 where
     C: ConnectionTrait + TransactionTrait,
 {
     let policy = RetryPolicy::default();
-    let result = retry(&policy, |_| async {
-        let run = run::Entity::find_versioned(db, run_id).await?;
+    let mut attempt = 1;
+    loop {
+        let run = match run::Entity::find_versioned(db, run_id).await {
+            Ok(run) => run,
+            Err(ConcurrencyError::NotFound { .. }) => return Err(EngineError::RunNotFound(run_id)),
+            Err(e) => return Err(e.into()),
+        };
         let status =
             RunStatus::parse(&run.status).ok_or_else(|| unknown("run", run.id, &run.status))?;
-        if status.is_terminal() {
+        if status.is_terminal() && status != RunStatus::Cancelled {
             return Ok(None);
         }
         let epics = run_epic::Entity::find()
             .filter(run_epic::Column::RunId.eq(run_id))
             .all(db)
-            .await
-            .map_err(ConcurrencyError::Database)?;
+            .await?;
         let mut failed = 0u64;
         let mut cancelled = 0u64;
         for epic in &epics {
@@ -222,35 +246,118 @@ where
                 _ => return Ok(None),
             }
         }
-        let verdict = Verdict::of(failed, cancelled);
-        let changes = if verdict == Verdict::Failed {
-            let counts = StoryCounts::of_run(db, run_id)
-                .await
-                .map_err(ConcurrencyError::Database)?;
-            Changes::new().set(
-                run::Column::Error,
-                Some(format!(
-                    "{} of {} stories failed",
-                    counts.failed,
-                    counts.total()
-                )),
+        if status == RunStatus::Cancelled {
+            // Every epic is finished, so every line of the run is in: close its log.
+            append_closing_line(
+                db,
+                run_id,
+                closing_line_batch(run_id, status),
+                closing_line(&run),
             )
-        } else {
-            Changes::new()
-        };
-        transition_with::<run::Entity, _>(db, &run, verdict.run(), changes)
-            .await
-            .map(Some)
-    })
-    .await;
-    match result {
-        Ok(done) => Ok(done),
-        Err(TransitionError::Illegal { .. }) => Ok(None),
-        Err(TransitionError::Concurrency(ConcurrencyError::NotFound { .. })) => {
-            Err(EngineError::RunNotFound(run_id))
+            .await?;
+            return Ok(None);
         }
+        let verdict = Verdict::of(failed, cancelled);
+        let error = if verdict == Verdict::Failed {
+            let counts = StoryCounts::of_run(db, run_id).await?;
+            Some(format!(
+                "{} of {} stories failed",
+                counts.failed,
+                counts.total()
+            ))
+        } else {
+            None
+        };
+        let mut closed = run.clone();
+        closed.status = verdict.run().as_str().to_owned();
+        let changes = match &error {
+            Some(error) => {
+                closed.error = Some(error.clone());
+                Changes::new().set(run::Column::Error, Some(error.clone()))
+            }
+            None => Changes::new(),
+        };
+        append_closing_line(
+            db,
+            run_id,
+            closing_line_batch(run_id, verdict.run()),
+            closing_line(&closed),
+        )
+        .await?;
+        match transition_with::<run::Entity, _>(db, &run, verdict.run(), changes).await {
+            Ok(run) => return Ok(Some(run)),
+            Err(e) if e.is_conflict() && attempt < policy.max_attempts => {
+                tokio::time::sleep(policy.delay(attempt)).await;
+                attempt += 1;
+            }
+            Err(TransitionError::Illegal { .. }) => return Ok(None),
+            Err(TransitionError::Concurrency(ConcurrencyError::NotFound { .. })) => {
+                return Err(EngineError::RunNotFound(run_id));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// The run's closing line: `run <key> <status>`, with its error when it has one.
+fn closing_line(run: &run::Model) -> String {
+    match &run.error {
+        Some(error) => format!("run {} {}: {error}", run.key, run.status),
+        None => format!("run {} {}", run.key, run.status),
+    }
+}
+
+/// Appends a line that says an epic or the run finished, under its derived batch id: written
+/// once however often and by whomever it is tried.
+async fn append_closing_line<C>(
+    db: &C,
+    run_id: Uuid,
+    batch_id: Uuid,
+    line: String,
+) -> Result<(), EngineError>
+where
+    C: ConnectionTrait + TransactionTrait,
+{
+    match append_run_logs_idempotent(db, run_id, batch_id, [line]).await {
+        Ok(_) => Ok(()),
+        Err(LogError::RunNotFound { .. }) => Err(EngineError::RunNotFound(run_id)),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Salts of the batch ids of the lines that say an epic or a run finished.
+const EPIC_LINE_SALT: u128 = 0x5a17_e91c_0000_0000_0000_0000_0000_0001;
+const RUN_LINE_SALT: u128 = 0x5a17_7a11_0000_0000_0000_0000_0000_0002;
+const CANCELLED_RUN_LINE_SALT: u128 = 0x5a17_7a11_0000_0000_0000_0000_0000_0003;
+
+/// The batch id of the run's closing line for the terminal `status` it closed with: a
+/// follower that sees the run in that status has read its whole log once it has read the line
+/// with this batch id. (A run that completed or failed closes under one id, which earlier
+/// versions used for every status; a cancelled run under its own, since a cancellation may
+/// overtake a run whose closing line is already written.)
+///
+/// ```
+/// use run_domain::RunStatus;
+/// let run = uuid::Uuid::new_v4();
+/// let done = run_engine::closing_line_batch(run, RunStatus::Completed);
+/// assert_eq!(done, run_engine::closing_line_batch(run, RunStatus::Completed));
+/// assert_ne!(done, run_engine::closing_line_batch(run, RunStatus::Cancelled));
+/// ```
+pub fn closing_line_batch(run_id: Uuid, status: RunStatus) -> Uuid {
+    match status {
+        RunStatus::Cancelled => finish_line_batch(run_id, CANCELLED_RUN_LINE_SALT),
+        _ => finish_line_batch(run_id, RUN_LINE_SALT),
+    }
+}
+
+/// The batch id of the line that says the epic or run `id` finished: derived from the id, so
+/// that whichever worker writes the line, however often, it is written once. A version-8
+/// (custom) UUID, so it never equals the random (version-4) batch id of any other line.
+fn finish_line_batch(id: Uuid, salt: u128) -> Uuid {
+    let bits = id.as_u128() ^ salt;
+    let version = 0xf_u128 << 76;
+    let variant = 0x3_u128 << 62;
+    Uuid::from_u128((bits & !version & !variant) | (0x8 << 76) | (0x2 << 62))
 }
 
 /// Finishes every epic of the run whose stories are all terminal, then the run if its epics
@@ -286,4 +393,29 @@ where
             ConcurrencyError::NotFound { .. } => EngineError::RunNotFound(run_id),
             e => e.into(),
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finish_line_batch_ids_are_stable_distinct_and_never_random_ones() {
+        let epic = Uuid::new_v4();
+        let a = finish_line_batch(epic, EPIC_LINE_SALT);
+        assert_eq!(a, finish_line_batch(epic, EPIC_LINE_SALT));
+        assert_ne!(a, finish_line_batch(epic, RUN_LINE_SALT));
+        assert_ne!(a, finish_line_batch(Uuid::new_v4(), EPIC_LINE_SALT));
+        assert_eq!(a.get_version_num(), 8);
+        assert_eq!(a.get_variant(), uuid::Variant::RFC4122);
+        let run = Uuid::new_v4();
+        assert_ne!(
+            closing_line_batch(run, RunStatus::Completed),
+            closing_line_batch(run, RunStatus::Cancelled)
+        );
+        assert_eq!(
+            closing_line_batch(run, RunStatus::Completed),
+            closing_line_batch(run, RunStatus::Failed)
+        );
+    }
 }

@@ -47,7 +47,8 @@ pub use executor::{
     default_worker_prefix,
 };
 pub use finish::{
-    epic_has_unfinished, finish_epic_if_done, finish_run_if_done, settle_run, start_epic, start_run,
+    closing_line_batch, epic_has_unfinished, finish_epic_if_done, finish_run_if_done, settle_run,
+    start_epic, start_run,
 };
 pub use handler::{CancelHandle, Cancellation, StoryContext, StoryHandler, StoryOutcome};
 pub use lease::{Claim, Lease, Release, TryClaim, expired_leases, pending_candidates};

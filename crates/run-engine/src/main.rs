@@ -7,10 +7,10 @@
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use run_domain::{Lifecycle, LogCursor, RunStatus, read_run_log_after, redact_url};
+use run_domain::{Lifecycle, LogCursor, RunStatus, read_run_log_after, redact_text, redact_url};
 use run_engine::{
     Executor, ExecutorConfig, ExecutorEvent, Plan, ShellHandler, Shutdown, StoryCounts, Summary,
-    cancel_run, create_run_from_plan, load_run_tree,
+    cancel_run, closing_line_batch, create_run_from_plan, load_run_tree, settle_run,
 };
 use sea_orm::{DatabaseConnection, EntityTrait};
 use std::collections::BTreeSet;
@@ -126,19 +126,12 @@ async fn main() -> ExitCode {
     }
 }
 
-/// `text` with `url` and its password blanked out wherever they appear. The driver quotes an
-/// unparseable URL whole in its error, password included, so this runs on every error message.
+/// `text` with every password blanked out by structure: `url` itself is shown redacted, and
+/// the userinfo password of any other URL the driver quoted (an unparseable URL comes back whole
+/// in its error) and any `password` field are replaced (see [`run_domain::redact_text`]). The
+/// password's text is never searched for, so a short password garbles nothing.
 fn scrub_password(text: &str, url: &str) -> String {
-    let mut text = text.replace(url, &redact_url(url));
-    // The password as written: between the user's ':' and the last '@' of the authority.
-    let password = url.split_once("://").and_then(|(_, rest)| {
-        let userinfo = &rest[..rest.rfind('@')?];
-        userinfo.split_once(':').map(|(_, p)| p)
-    });
-    if let Some(password) = password.filter(|p| p.len() >= 3) {
-        text = text.replace(password, "***");
-    }
-    text
+    redact_text(&text.replace(url, &redact_url(url)))
 }
 
 /// The error and its causes, `outer: inner`, leaving out a cause whose text an outer error
@@ -550,23 +543,26 @@ async fn show_progress(db: DatabaseConnection, run_id: Uuid, display: Arc<Displa
     }
 }
 
-/// Prints the run's log; with `follow`, keeps polling until the run is finished and its log
-/// read to the end.
+/// Prints the run's log; with `follow`, keeps polling until the run is finished and its
+/// closing line (`run <key> <status>`, the last line of every finished run's log) has been
+/// printed.
 async fn logs(db: &DatabaseConnection, run_id: Uuid, follow: bool) -> Result<ExitCode> {
     let stdout = std::io::stdout();
     let mut cursor = LogCursor::START;
-    // Set once the run was seen finished: one more full read after a pause catches lines
-    // appended right after the final transition.
-    let mut finished_seen = false;
+    // Batch ids of lines read so far that close the run in some status.
+    let closers =
+        [RunStatus::Completed, RunStatus::Cancelled].map(|s| closing_line_batch(run_id, s));
+    let mut closed_with: Vec<Uuid> = Vec::new();
+    let mut settled = false;
     loop {
         let finished = if follow {
             let run = entity::run::Entity::find_by_id(run_id)
                 .one(db)
                 .await?
                 .with_context(|| format!("run {run_id} not found"))?;
-            RunStatus::parse(&run.status).is_some_and(|s| s.is_terminal())
+            RunStatus::parse(&run.status).filter(|s| s.is_terminal())
         } else {
-            false
+            None
         };
         loop {
             let page = read_run_log_after(db, run_id, cursor, LOG_PAGE).await?;
@@ -578,6 +574,9 @@ async fn logs(db: &DatabaseConnection, run_id: Uuid, follow: bool) -> Result<Exi
                     }
                     return Err(e).context("writing the log");
                 }
+                if closers.contains(&entry.batch_id) {
+                    closed_with.push(entry.batch_id);
+                }
             }
             let _ = out.flush();
             cursor = page.next;
@@ -585,14 +584,35 @@ async fn logs(db: &DatabaseConnection, run_id: Uuid, follow: bool) -> Result<Exi
                 break;
             }
         }
-        if !follow {
-            return Ok(ExitCode::SUCCESS);
-        }
-        if finished {
-            if finished_seen {
+        let Some(status) = finished else {
+            if !follow {
                 return Ok(ExitCode::SUCCESS);
             }
-            finished_seen = true;
+            tokio::time::sleep(POLL).await;
+            continue;
+        };
+        // SAFETY(log order): the closing line is written once every line of the run is in
+        // (see `run_engine::finish`), and the status was read before this pass of reading, so
+        // having read the closing line of that status means having read the whole log. (A
+        // cancelled run written by an earlier version closed under the completed run's id.)
+        let closing = closing_line_batch(run_id, status);
+        if closed_with.contains(&closing)
+            || (status == RunStatus::Cancelled && closed_with.contains(&closers[0]))
+        {
+            return Ok(ExitCode::SUCCESS);
+        }
+        // A cancelled run whose stories all stopped but whose last worker stopped before closing
+        // its log (or a run finished by an earlier version): settling writes what is missing.
+        if StoryCounts::of_run(db, run_id).await?.unfinished() == 0 {
+            if settled {
+                // Settled, read again, and still no closing line: a run an earlier version
+                // finished without one. Its log has been read to the end.
+                eprintln!("warning: run {run_id} is {status} but its log has no closing line");
+                return Ok(ExitCode::SUCCESS);
+            }
+            settle_run(db, run_id).await?;
+            settled = true;
+            continue;
         }
         tokio::time::sleep(POLL).await;
     }
@@ -615,5 +635,13 @@ mod tests {
 
         let url = "sqlite://run-engine.db?mode=rwc";
         assert_eq!(scrub_password("no such table", url), "no such table");
+
+        // A short password that occurs inside other words garbles nothing.
+        let url = "postgres://postgres:o@[db/runs";
+        let text = format!("Connection Error: the string '{url}' cannot be parsed: not found");
+        assert_eq!(
+            scrub_password(&text, url),
+            "Connection Error: the string 'postgres:<unparseable URL>' cannot be parsed: not found"
+        );
     }
 }

@@ -93,6 +93,29 @@ fn a_database_password_is_never_printed() {
     assert!(stderr.contains("runner:***@127.0.0.1:5432"), "{stderr}");
 }
 
+#[test]
+fn a_short_password_garbles_no_error_message() {
+    // Each refused the same way whatever the password: stderr must be exactly what a password
+    // sharing no letters with the message gets, so no text is garbled and no position told.
+    for shape in [
+        "postgres://postgres:{}@127.0.0.1:9/runs",
+        "postgres://postgres:{}@[db/runs",
+        "mysql://root:{}@db:notaport/test",
+    ] {
+        let args = ["status", "00000000-0000-0000-0000-000000000000"];
+        let (_, _, reference) = cli(&shape.replace("{}", "zq9xw"), &args);
+        assert!(reference.starts_with("error: "), "{reference}");
+        assert!(!reference.contains("zq9xw"), "{reference}");
+        for password in ["o", "ab", "postgres", "error", "127", "p%40ss%3Aw%2Frd"] {
+            let url = shape.replace("{}", password);
+            let (status, stdout, stderr) = cli(&url, &args);
+            assert_eq!(status.code(), Some(1), "{url}: {stderr}");
+            assert_eq!(stderr, reference, "password {password:?}");
+            assert!(stdout.is_empty(), "{stdout}");
+        }
+    }
+}
+
 each_backend! {
     /// The shipped example plan runs to completion; status and logs show it.
     async fn the_example_plan_runs_to_completion_and_status_and_logs_show_it(t) {
@@ -247,5 +270,137 @@ each_backend! {
         .await;
         again.signal("TERM");
         assert_eq!(again.wait(Duration::from_secs(20)).await.code(), Some(130));
+    }
+}
+
+/// `run-engine logs --follow <run>` in the background, its output going to a file.
+struct Follower {
+    child: std::process::Child,
+    out: PathBuf,
+}
+
+impl Follower {
+    fn start(url: &str, run_id: uuid::Uuid, dir: &std::path::Path) -> Follower {
+        let out = dir.join(format!("follow-{}.out", fastrand::u32(..)));
+        let child = std::process::Command::new(common::bin())
+            .args([
+                "--database-url",
+                url,
+                "logs",
+                "--follow",
+                &run_id.to_string(),
+            ])
+            .env_remove("DATABASE_URL")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::fs::File::create(&out).expect("follower output"))
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start logs --follow");
+        Follower { child, out }
+    }
+
+    /// Waits for the follower to end by itself; returns what it printed.
+    async fn finish(mut self, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                assert!(status.success(), "logs --follow failed: {status}");
+                return std::fs::read_to_string(&self.out).expect("follower output");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "logs --follow still running after {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The whole log as `run-engine logs` prints it.
+fn whole_log(url: &str, run_id: uuid::Uuid) -> String {
+    let (status, stdout, stderr) = cli(url, &["logs", &run_id.to_string()]);
+    assert!(status.success(), "{stderr}");
+    stdout
+}
+
+each_backend! {
+    /// A follower ends only after the run's closing line, and that line is the last of the log:
+    /// for a run cancelled while six stories run (their workers write after the cancellation),
+    /// for a pending run cancelled before any claim, and for a run that completed.
+    async fn a_follower_ends_after_the_closing_line_which_is_the_last_line_on_every_path(t) {
+        let dir = tempfile::tempdir().expect("temp dir");
+
+        // Cancelled while running.
+        let plan = write_plan(dir.path(), 2, 6, "sleep 25", 1);
+        let run_id = create(&t.url, &plan);
+        let follower = Follower::start(&t.url, run_id, dir.path());
+        let mut exec = ExecProcess::start(&t.url, run_id, 6, 30, dir.path());
+        wait_for("six stories running", Duration::from_secs(30), || async {
+            count_status(&t.db, run_id, "running").await == 6
+        })
+        .await;
+        let (status, _, stderr) = cli(&t.url, &["cancel", &run_id.to_string()]);
+        assert!(status.success(), "{stderr}");
+        let followed = follower.finish(Duration::from_secs(30)).await;
+        exec.wait(Duration::from_secs(30)).await;
+        let log = whole_log(&t.url, run_id);
+        assert_eq!(followed, log, "the follower saw the whole log");
+        assert!(log.lines().last().is_some_and(|l| l.ends_with("] run test cancelled")), "{log}");
+        assert_eq!(log.matches("cancelled on ").count(), 6, "{log}");
+        assert_eq!(log.matches("] run test ").count(), 1, "{log}");
+
+        // Cancelled before any claim: the cancellation writes the closing line itself.
+        let run_id = create(&t.url, &plan);
+        let (status, _, stderr) = cli(&t.url, &["cancel", &run_id.to_string()]);
+        assert!(status.success(), "{stderr}");
+        let log = whole_log(&t.url, run_id);
+        let last = log.lines().last().unwrap_or_default().to_owned();
+        assert!(last.ends_with("] run test cancelled"), "{log}");
+        assert_eq!(log.lines().count(), 3, "two epic lines and the run's: {log}");
+        let followed = Follower::start(&t.url, run_id, dir.path()).finish(Duration::from_secs(10)).await;
+        assert_eq!(followed, log);
+
+        // Completed.
+        let plan = write_plan(dir.path(), 2, 3, "echo hello", 1);
+        let run_id = create(&t.url, &plan);
+        let follower = Follower::start(&t.url, run_id, dir.path());
+        let (status, _, stderr) = cli(&t.url, &["exec", &run_id.to_string(), "--workers", "4"]);
+        assert!(status.success(), "{stderr}");
+        let followed = follower.finish(Duration::from_secs(30)).await;
+        let log = whole_log(&t.url, run_id);
+        assert_eq!(followed, log);
+        assert!(log.lines().last().is_some_and(|l| l.ends_with("] run test completed")), "{log}");
+        assert_eq!(log.matches("hello").count(), 6, "{log}");
+    }
+}
+
+each_backend! {
+    /// When the run log cannot take a story's lines, the story is not recorded completed and
+    /// `exec` fails loudly; once the log works again the story runs and its lines are there.
+    async fn lines_that_cannot_be_written_fail_the_execution_instead_of_completing_it(t) {
+        use sea_orm::ConnectionTrait;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let plan = write_plan(dir.path(), 1, 2, "echo hello", 1);
+        let run_id = create(&t.url, &plan);
+        t.db.execute_unprepared("ALTER TABLE run_log RENAME TO run_log_away").await.expect("hide the log");
+        let (status, _, stderr) = cli(&t.url, &["exec", &run_id.to_string(), "--workers", "2"]);
+        assert_eq!(status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains("the run log lost lines"), "{stderr}");
+        for s in stories(&t.db, run_id).await {
+            assert_ne!(s.status, "completed", "{} completed without its lines", s.key);
+        }
+        t.db.execute_unprepared("ALTER TABLE run_log_away RENAME TO run_log").await.expect("restore the log");
+        let (status, _, stderr) = cli(&t.url, &["exec", &run_id.to_string(), "--workers", "2"]);
+        assert!(status.success(), "{stderr}");
+        let log = whole_log(&t.url, run_id);
+        assert_eq!(log.matches("] hello").count(), 2, "{log}");
+        assert!(log.lines().last().is_some_and(|l| l.ends_with("] run test completed")), "{log}");
     }
 }
