@@ -1,0 +1,149 @@
+//! One attempt at one claimed story: start its epic and run, run its handler under
+//! supervision, record the result, and let the epic finish.
+
+use super::event::ExecutorEvent;
+use super::execution::Execution;
+use super::execution::Held;
+use super::supervisor::Ending;
+use super::supervisor::Stop;
+use crate::error::EngineError;
+use crate::finish::{start_epic, start_run};
+use crate::handler::{Cancellation, StoryContext};
+use crate::lease::{Claim, Lease};
+use entity::run_story;
+use run_domain::{Lifecycle, RunStatus};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+impl Execution {
+    /// Moves the run and the story's epic to running; false when the run is cancelled or
+    /// already finished, so the story must not run.
+    pub(super) async fn ensure_started(
+        &self,
+        story: &run_story::Model,
+    ) -> Result<bool, EngineError> {
+        if !self.run_started.load(Ordering::Relaxed) {
+            // Starting is idempotent (it re-reads, and does nothing to a started run).
+            let (run, _) = self
+                .retrying("starting the run", || start_run(self.db(), self.run_id))
+                .await;
+            let run = run?;
+            if run.status != RunStatus::Running.as_str() {
+                return Ok(false);
+            }
+            self.run_started.store(true, Ordering::Relaxed);
+        } else if self.run_status.borrow().is_terminal() {
+            return Ok(false);
+        }
+        let known = self
+            .started_epics
+            .lock()
+            .map(|s| s.contains(&story.epic_id))
+            .unwrap_or(false);
+        if !known {
+            let (epic, _) = self
+                .retrying("starting an epic", || start_epic(self.db(), story.epic_id))
+                .await;
+            epic?;
+            if let Ok(mut s) = self.started_epics.lock() {
+                s.insert(story.epic_id);
+            }
+        }
+        Ok(true)
+    }
+    /// Runs one claimed story to the end and records its result.
+    pub(super) async fn run_story(&self, claim: Claim, lease: &Lease) {
+        let story = claim.story;
+        let sref = self.story_ref(&story);
+        let log = self.log.with_prefix(format!("[{sref}] "));
+        let worker = lease.owner.clone();
+        let held = self.hold(story.epic_id);
+
+        let may_run = match self.ensure_started(&story).await {
+            Ok(may_run) => may_run,
+            Err(e) => {
+                // The story still runs; settle_run puts the epic and run right later.
+                self.warn(format!("could not mark {sref}'s epic and run started: {e}"));
+                true
+            }
+        };
+        if !may_run {
+            let ending = Ending::Done {
+                outcome: None,
+                stop: Some(Stop::RunCancelled),
+            };
+            let finished = self
+                .record(&sref, &log, story, lease, ending, Duration::ZERO)
+                .await;
+            self.after_recorded(finished, held).await;
+            return;
+        }
+
+        match &claim.taken_over_from {
+            Some(previous) => {
+                log.line(format!(
+                    "took over from the expired lease of {previous}: attempt {} of {} on {worker}",
+                    story.attempts, story.max_attempts
+                ))
+                .await
+            }
+            None => {
+                log.line(format!(
+                    "started: attempt {} of {} on {worker}",
+                    story.attempts, story.max_attempts
+                ))
+                .await
+            }
+        }
+        self.emit(ExecutorEvent::Started {
+            story: sref.clone(),
+            attempt: story.attempts,
+            max_attempts: story.max_attempts,
+            worker: worker.clone(),
+            taken_over_from: claim.taken_over_from.clone(),
+        });
+
+        let started = Instant::now();
+        let (cancel_handle, cancel) = Cancellation::new();
+        let ctx = StoryContext {
+            story: story.clone(),
+            epic_key: sref.epic.clone(),
+            attempt: story.attempts,
+            worker_id: worker.clone(),
+            log: log.clone(),
+            cancel,
+        };
+        let (ending, last) = self.supervise(ctx, cancel_handle, story, lease).await;
+        let elapsed = started.elapsed();
+        let finished = self.record(&sref, &log, last, lease, ending, elapsed).await;
+        self.after_recorded(finished, held).await;
+    }
+    /// Counts a story of `epic` as held by this process.
+    pub(super) fn hold(&self, epic: Uuid) -> Held<'_> {
+        let counted = match self.held_per_epic.lock() {
+            Ok(mut held) => {
+                *held.entry(epic).or_default() += 1;
+                true
+            }
+            Err(_) => false,
+        };
+        Held {
+            execution: self,
+            epic,
+            counted,
+        }
+    }
+    /// A story's result is recorded (`finished`: it reached a terminal status): finish its
+    /// epic and the run if they are done, unless another worker of this process still holds a
+    /// story of the epic (it looks when it is done).
+    pub(super) async fn after_recorded(&self, finished: Option<run_story::Model>, held: Held<'_>) {
+        let others_hold_the_epic = held.release();
+        if let Some(story) = finished
+            && !others_hold_the_epic
+        {
+            self.after_story_finished(&story).await;
+        }
+    }
+}

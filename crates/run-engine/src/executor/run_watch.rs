@@ -1,0 +1,28 @@
+//! Watching the run's status, so workers notice a cancellation without asking themselves.
+
+use super::RUN_WATCH_EVERY;
+use entity::run;
+use run_domain::{Lifecycle, RunStatus};
+use sea_orm::{DatabaseConnection, EntityTrait};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+/// Publishes the run's status as read every [`RUN_WATCH_EVERY`], so workers notice a
+/// cancellation without asking the database themselves.
+pub(super) async fn watch_run(db: DatabaseConnection, run_id: Uuid, tx: watch::Sender<RunStatus>) {
+    let mut tick = tokio::time::interval(RUN_WATCH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        // A failed read is tried again at the next tick.
+        if let Ok(Some(run)) = run::Entity::find_by_id(run_id).one(&db).await
+            && let Some(status) = RunStatus::parse(&run.status)
+        {
+            tx.send_if_modified(|current| {
+                let changed = *current != status;
+                *current = status;
+                changed
+            });
+        }
+    }
+}
