@@ -12,6 +12,7 @@ use crate::handler::StoryOutcome;
 use crate::lease::{Lease, Release, give_back, release, released_by, still_held};
 use crate::log_sink::LogSink;
 use crate::retry::backoff;
+use chrono::Utc;
 use entity::run_story;
 use run_domain::{ConcurrencyError, Lifecycle, StoryStatus, TransitionError, VersionedUpdate};
 use std::sync::atomic::Ordering;
@@ -42,15 +43,18 @@ impl Execution {
         // SAFETY(log order): the story's output and the line that tells its result go in
         // before the result is recorded, so that whoever sees the story finished (and then
         // writes its epic's or the run's closing line) has every line of it before its own.
+        // Only while the lease is surely ours, though: nobody can have taken over a lease that
+        // has not expired, so the result line cannot be a lie. Past (nine tenths of) the lease
+        // a take-over may have happened (this process was stopped or cut off): then the result
+        // is recorded first and its line written only if the record stands.
         let took = format!("{:.2}s", elapsed.as_secs_f64());
-        log.line(result_line(how.as_ref(), stop, &held, worker, &took))
-            .await;
-        if let Err(e) = log.flush().await {
-            // Nothing is recorded without its lines: the story goes back to pending (or, if
-            // the database cannot be reached either, its lease expires) and this execution
-            // stops with the error.
-            self.log_lost(e);
-            let _ = give_back(self.db(), &held).await;
+        let line = result_line(how.as_ref(), stop, &held, worker, &took);
+        let lease_left = held
+            .lease_expires_at
+            .and_then(|t| (t - Utc::now()).to_std().ok())
+            .unwrap_or(Duration::ZERO);
+        let line_first = lease_left > lease.duration / 10;
+        if line_first && !self.write_result_line(log, &held, &line).await {
             return None;
         }
         let started = Instant::now();
@@ -131,6 +135,9 @@ impl Execution {
                 return None;
             }
         };
+        if !line_first && !self.write_result_line(log, &story, &line).await {
+            return None;
+        }
         let status = StoryStatus::parse(&story.status).unwrap_or(StoryStatus::Pending);
         let attempt = held.attempts;
         if how.is_none() {
@@ -153,6 +160,25 @@ impl Execution {
         }
         status.is_terminal().then_some(story)
     }
+    /// Writes the result line with the story's output and waits for it. Lines that cannot be
+    /// written stop the execution: the story is given back (or, if the database cannot be
+    /// reached either, its lease expires), so nothing stays recorded without its lines, and
+    /// `false` is returned. (A story already recorded stays recorded; its run is not settled by
+    /// this execution.)
+    async fn write_result_line(&self, log: &LogSink, held: &run_story::Model, line: &str) -> bool {
+        log.line(line).await;
+        match log.flush().await {
+            Ok(()) => true,
+            Err(e) => {
+                self.log_lost(e);
+                if StoryStatus::parse(&held.status) == Some(StoryStatus::Running) {
+                    let _ = give_back(self.db(), held).await;
+                }
+                false
+            }
+        }
+    }
+
     pub(super) async fn fenced(&self, sref: &StoryRef, log: &LogSink, worker: &str, detail: &str) {
         self.stats.fenced.fetch_add(1, Ordering::Relaxed);
         log.line(format!(

@@ -1,0 +1,158 @@
+//! Reaching the database: `.env`, connecting and probing the server, and error messages with
+//! every password redacted.
+
+use anyhow::{Context, Result};
+use run_domain::{redact_text, redact_url};
+use sea_orm::DatabaseConnection;
+use std::time::Duration;
+
+/// How long the database server may take to accept one TCP connection.
+pub(crate) const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a refused connection is tried again (a server starting up).
+pub(crate) const PROBE_PATIENCE: Duration = Duration::from_secs(2);
+
+/// `text` with every password blanked out by structure: `url` itself is shown redacted, and
+/// the userinfo password of any other URL the driver quoted (an unparseable URL comes back whole
+/// in its error) and any `password` field are replaced (see [`run_domain::redact_text`]). The
+/// password's text is never searched for, so a short password garbles nothing.
+pub(crate) fn scrub_password(text: &str, url: &str) -> String {
+    redact_text(&text.replace(url, &redact_url(url)))
+}
+
+/// The error and its causes, `outer: inner`, leaving out a cause whose text an outer error
+/// already quotes (several errors print their source in their own message).
+pub(crate) fn render_error(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let part = cause.to_string();
+        if text.contains(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
+}
+
+/// Reads `.env` if there is one. Its content is never printed: it may hold a password.
+pub(crate) fn load_dotenv() {
+    match dotenvy::dotenv() {
+        Ok(_) => {}
+        Err(e) if e.not_found() => {}
+        Err(dotenvy::Error::LineParse(_, at)) => {
+            eprintln!("warning: .env ignored: syntax error at position {at}");
+        }
+        Err(dotenvy::Error::Io(e)) => eprintln!("warning: .env ignored: {e}"),
+        Err(_) => eprintln!("warning: .env ignored: it holds an invalid value"),
+    }
+}
+
+/// Connects and applies any pending migration. Errors show the URL without its password.
+pub(crate) async fn open(url: &str) -> Result<DatabaseConnection> {
+    probe_server(url).await?;
+    let db = run_domain::connect(url).await?;
+    migration::apply(&db, None)
+        .await
+        .with_context(|| format!("applying migrations to {}", redact_url(url)))?;
+    Ok(db)
+}
+
+/// For a PostgreSQL or MariaDB URL naming a host, checks that the server there accepts
+/// connections before the pool tries: the pool would wait out its whole acquire timeout (30 s)
+/// on a refused connection and then say only that it timed out. A server that is just starting
+/// gets a few seconds. Anything else is left to [`run_domain::connect`] to report.
+pub(crate) async fn probe_server(url: &str) -> Result<()> {
+    let Ok(parsed) = url::Url::parse(url) else {
+        return Ok(());
+    };
+    let default_port = match parsed.scheme().to_ascii_lowercase().as_str() {
+        "postgres" | "postgresql" => 5432,
+        "mysql" => 3306,
+        _ => return Ok(()),
+    };
+    // A Unix socket (empty host, or a `host`/`socket` parameter) is not probed.
+    let socket = parsed
+        .query_pairs()
+        .any(|(k, _)| k == "host" || k == "socket");
+    let host = match parsed.host_str() {
+        Some(h) if !h.is_empty() && !socket => h.trim_start_matches('[').trim_end_matches(']'),
+        _ => return Ok(()),
+    };
+    let (host, port) = (host.to_owned(), parsed.port().unwrap_or(default_port));
+    let started = std::time::Instant::now();
+    let unreachable = loop {
+        let (h, p) = (host.clone(), port);
+        let attempt = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            use std::net::ToSocketAddrs;
+            let mut last = None;
+            for addr in (h.as_str(), p).to_socket_addrs()? {
+                match std::net::TcpStream::connect_timeout(&addr, PROBE_TIMEOUT) {
+                    Ok(_) => return Ok(()),
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(last.unwrap_or_else(|| std::io::Error::other("the host name has no address")))
+        })
+        .await
+        .context("probing the database server")?;
+        match attempt {
+            Ok(()) => return Ok(()),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && started.elapsed() < PROBE_PATIENCE =>
+            {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => break e,
+        }
+    };
+    let why = match unreachable.kind() {
+        std::io::ErrorKind::ConnectionRefused => {
+            format!("connection refused (is the server running and listening on port {port}?)")
+        }
+        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => {
+            format!("no answer within {} s", PROBE_TIMEOUT.as_secs())
+        }
+        _ => unreachable.to_string(),
+    };
+    let server = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    anyhow::bail!(
+        "cannot connect to {}: the server {server} cannot be reached: {why}",
+        redact_url(url)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::scrub_password;
+
+    #[test]
+    fn passwords_are_scrubbed_from_error_text_even_in_unparseable_urls() {
+        let url = "postgres://app:s3cret@[db/runs";
+        let text = format!("cannot connect: the connection string '{url}' cannot be parsed");
+        let scrubbed = scrub_password(&text, url);
+        assert!(!scrubbed.contains("s3cret"), "{scrubbed}");
+
+        let url = "mysql://app:p%40ss@db:3306/runs";
+        let scrubbed = scrub_password(&format!("error at {url}"), url);
+        assert_eq!(scrubbed, "error at mysql://app:***@db:3306/runs");
+
+        let url = "sqlite://run-engine.db?mode=rwc";
+        assert_eq!(scrub_password("no such table", url), "no such table");
+
+        // A short password that occurs inside other words garbles nothing.
+        let url = "postgres://postgres:o@[db/runs";
+        let text = format!("Connection Error: the string '{url}' cannot be parsed: not found");
+        assert_eq!(
+            scrub_password(&text, url),
+            "Connection Error: the string 'postgres:<unparseable URL>' cannot be parsed: not found"
+        );
+    }
+}

@@ -1,0 +1,195 @@
+//! `run-engine`: create runs from plan files, execute them with parallel workers in any number
+//! of processes, and watch, follow or cancel them.
+//!
+//! The database is `--database-url`, else `DATABASE_URL` (also read from a `.env` file), else a
+//! SQLite file `run-engine.db` in the working directory. Migrations are applied on first use.
+
+mod connect;
+mod display;
+mod execute;
+mod logs;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use connect::load_dotenv;
+use connect::open;
+use connect::render_error;
+use connect::scrub_password;
+use execute::execute;
+use logs::logs;
+use run_engine::{Plan, cancel_run, create_run_from_plan, load_run_tree};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use uuid::Uuid;
+
+/// Exit status of an execution stopped by Ctrl-C or SIGTERM before the run finished.
+pub(crate) const EXIT_INTERRUPTED: u8 = 130;
+
+/// How often `logs --follow` and the progress bar look at the database.
+pub(crate) const POLL: Duration = Duration::from_millis(250);
+
+/// Log lines read per query.
+pub(crate) const LOG_PAGE: u64 = 1000;
+
+#[derive(Parser)]
+#[command(
+    name = "run-engine",
+    version,
+    about = "Create, execute, follow and cancel runs of plans",
+    after_help = "The database is --database-url, else DATABASE_URL (also from a .env file), \
+                  else the SQLite file run-engine.db in the working directory."
+)]
+struct Cli {
+    /// Database URL: sqlite://FILE?mode=rwc, postgres://..., mysql://...
+    #[arg(
+        long,
+        global = true,
+        env = "DATABASE_URL",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    database_url: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a run from a plan file and print its id
+    Create {
+        /// The plan (TOML)
+        plan: PathBuf,
+    },
+    /// Execute a run's stories until none is pending or running
+    Exec {
+        /// The run's id
+        run_id: Uuid,
+        #[command(flatten)]
+        exec: ExecArgs,
+    },
+    /// Create a run from a plan file and execute it
+    Run {
+        /// The plan (TOML)
+        plan: PathBuf,
+        #[command(flatten)]
+        exec: ExecArgs,
+    },
+    /// Show a run with its epics and stories
+    Status {
+        /// The run's id
+        run_id: Uuid,
+        /// Print JSON instead of a tree
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a run's log
+    Logs {
+        /// The run's id
+        run_id: Uuid,
+        /// Keep printing new lines until the run has finished
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Cancel a run: nothing new starts, running stories are stopped
+    Cancel {
+        /// The run's id
+        run_id: Uuid,
+    },
+}
+
+#[derive(Args)]
+struct ExecArgs {
+    /// Worker tasks in this process
+    #[arg(long, short, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    workers: u16,
+    /// Seconds a claim holds a story before another worker may take it over (renewed every
+    /// third of it while the story runs)
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    lease_secs: u64,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    load_dotenv();
+    let cli = Cli::parse();
+    let url = cli
+        .database_url
+        .clone()
+        .unwrap_or_else(|| run_domain::DEFAULT_DATABASE_URL.to_owned());
+    match run(cli.command, &url).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {}", scrub_password(&render_error(&e), &url));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command, url: &str) -> Result<ExitCode> {
+    match command {
+        Command::Create { plan } => {
+            let plan = load_plan(&plan)?;
+            let db = open(url).await?;
+            let run = create_run_from_plan(&db, &plan)
+                .await
+                .context("creating the run")?;
+            println!("{}", run.id);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run { plan: path, exec } => {
+            let plan = load_plan(&path)?;
+            let db = open(url).await?;
+            let run = create_run_from_plan(&db, &plan)
+                .await
+                .context("creating the run")?;
+            eprintln!(
+                "created run {} from {} ({} epics, {} stories)",
+                run.id,
+                path.display(),
+                plan.epics.len(),
+                plan.story_count()
+            );
+            execute(db, run.id, &exec).await
+        }
+        Command::Exec { run_id, exec } => {
+            let db = open(url).await?;
+            execute(db, run_id, &exec).await
+        }
+        Command::Status { run_id, json } => {
+            let db = open(url).await?;
+            let tree = load_run_tree(&db, run_id).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&tree)?);
+            } else {
+                print!("{}", tree.render());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Logs { run_id, follow } => {
+            let db = open(url).await?;
+            logs(&db, run_id, follow).await
+        }
+        Command::Cancel { run_id } => {
+            let db = open(url).await?;
+            let report = cancel_run(&db, run_id).await?;
+            println!(
+                "run {} {}: {} stories cancelled now, {} still running (their workers stop them)",
+                report.run.id,
+                if report.newly_cancelled {
+                    "cancelled"
+                } else {
+                    "was already cancelled"
+                },
+                report.stories_cancelled,
+                report.still_running
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn load_plan(path: &std::path::Path) -> Result<Plan> {
+    // The error names the file, line and field itself.
+    Ok(Plan::load(path)?)
+}
