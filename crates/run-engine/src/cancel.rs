@@ -4,14 +4,14 @@
 use crate::error::EngineError;
 use crate::finish::settle_run;
 use crate::lease::lease_expired;
-use crate::status::StoryCounts;
+use crate::queries::{StoryCounts, unfinished_stories};
 use chrono::{DateTime, Utc};
 use entity::{run, run_story};
 use run_domain::{
     Changes, ConcurrencyError, Lifecycle, RetryPolicy, RunStatus, StoryStatus, TransitionError,
     VersionedUpdate, retry, transition, transition_with,
 };
-use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, TransactionTrait};
+use sea_orm::{ConnectionTrait, TransactionTrait};
 use uuid::Uuid;
 
 /// What [`cancel_run`] did.
@@ -90,14 +90,7 @@ pub async fn cancel_leftovers<C>(
 where
     C: ConnectionTrait + TransactionTrait,
 {
-    let stories = run_story::Entity::find()
-        .filter(run_story::Column::RunId.eq(run_id))
-        .filter(
-            run_story::Column::Status
-                .is_in([StoryStatus::Pending.as_str(), StoryStatus::Running.as_str()]),
-        )
-        .all(db)
-        .await?;
+    let stories = unfinished_stories(db, run_id).await?;
     let policy = RetryPolicy::default();
     let mut cancelled = 0;
     for story in stories {

@@ -16,16 +16,15 @@
 //! content.
 
 use crate::error::EngineError;
-use crate::status::StoryCounts;
-use entity::{run, run_epic, run_story};
+use crate::queries::StoryCounts;
+use entity::{run, run_epic};
 use run_domain::{
     Changes, ConcurrencyError, EpicStatus, Lifecycle, LogError, RetryPolicy, RunStatus,
-    StoryStatus, TransitionError, VersionedUpdate, append_run_logs_idempotent, retry, transition,
+    TransitionError, VersionedUpdate, append_run_logs_idempotent, retry, transition,
     transition_with,
 };
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
-    TransactionTrait,
+    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, TransactionTrait,
 };
 use uuid::Uuid;
 
@@ -182,33 +181,6 @@ where
             Err(e) => return Err(e.into()),
         }
     }
-}
-
-/// Whether a story of the epic is still pending or running: one look through the
-/// `(epic_id, status)` index, however many stories the epic has, so that the worker that
-/// finishes each story can ask it cheaply.
-///
-/// ```no_run
-/// # async fn demo(db: &sea_orm::DatabaseConnection, epic_id: uuid::Uuid) -> Result<(), sea_orm::DbErr> {
-/// if !run_engine::epic_has_unfinished(db, epic_id).await? {
-///     println!("every story of the epic is finished");
-/// }
-/// # Ok(()) }
-/// ```
-pub async fn epic_has_unfinished<C: ConnectionTrait>(db: &C, epic_id: Uuid) -> Result<bool, DbErr> {
-    let one = run_story::Entity::find()
-        .select_only()
-        .column(run_story::Column::Id)
-        .filter(run_story::Column::EpicId.eq(epic_id))
-        .filter(
-            run_story::Column::Status
-                .is_in([StoryStatus::Pending.as_str(), StoryStatus::Running.as_str()]),
-        )
-        .limit(1)
-        .into_tuple::<Uuid>()
-        .one(db)
-        .await?;
-    Ok(one.is_some())
 }
 
 /// Finishes the run if every epic of it is terminal and it is not finished yet, writing its

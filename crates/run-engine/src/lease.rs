@@ -31,12 +31,8 @@ use run_domain::{
     Changes, ConcurrencyError, Lifecycle, StoryStatus, TransitionError, VersionedUpdate,
     transition_with,
 };
-use sea_orm::{
-    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
-    TransactionTrait,
-};
+use sea_orm::{ConnectionTrait, TransactionTrait};
 use std::time::Duration;
-use uuid::Uuid;
 
 /// Who holds a story and for how long at a time.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,45 +83,6 @@ pub enum TryClaim {
 /// True when a story read at `now` is running on a lease that ran out (or has none).
 pub fn lease_expired(story: &run_story::Model, now: DateTime<Utc>) -> bool {
     story.status == StoryStatus::Running.as_str() && story.lease_expires_at.is_none_or(|t| t < now)
-}
-
-/// Up to `limit` pending stories of `run_id`, in position order.
-pub async fn pending_candidates<C: ConnectionTrait>(
-    db: &C,
-    run_id: Uuid,
-    limit: u64,
-) -> Result<Vec<run_story::Model>, EngineError> {
-    Ok(run_story::Entity::find()
-        .filter(run_story::Column::RunId.eq(run_id))
-        .filter(run_story::Column::Status.eq(StoryStatus::Pending.as_str()))
-        .order_by_asc(run_story::Column::Position)
-        .order_by_asc(run_story::Column::Id)
-        .limit(limit)
-        .all(db)
-        .await?)
-}
-
-/// Up to `limit` running stories of `run_id` whose lease ran out before `now`.
-///
-/// The expiry is compared here rather than in SQL, so that each backend's way of storing a
-/// timestamp does not matter; running stories are few (about one per live worker).
-pub async fn expired_leases<C: ConnectionTrait>(
-    db: &C,
-    run_id: Uuid,
-    now: DateTime<Utc>,
-    limit: usize,
-) -> Result<Vec<run_story::Model>, EngineError> {
-    let running = run_story::Entity::find()
-        .filter(run_story::Column::RunId.eq(run_id))
-        .filter(run_story::Column::Status.eq(StoryStatus::Running.as_str()))
-        .order_by_asc(run_story::Column::LeaseExpiresAt)
-        .all(db)
-        .await?;
-    Ok(running
-        .into_iter()
-        .filter(|s| lease_expired(s, now))
-        .take(limit)
-        .collect())
 }
 
 /// Tries to claim `candidate` (as read) for `lease` at `now`: a pending story is moved to

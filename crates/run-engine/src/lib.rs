@@ -13,7 +13,9 @@
 //! - [`log_sink`]: a story's output, batched into the run log ([`LogSink`]).
 //! - [`finish`]: completing epics and runs once their stories are done.
 //! - [`cancel`]: cancelling a run ([`cancel_run`]).
-//! - [`status`]: counts, progress and the run/epic/story tree ([`RunTree`]).
+//! - [`queries`]: what the engine asks of the database, each question once ([`StoryCounts`],
+//!   candidates, expired leases, unfinished stories).
+//! - [`status`]: progress and the run/epic/story tree ([`RunTree`]).
 //!
 //! ```no_run
 //! use run_engine::{Executor, ExecutorConfig, Plan, ShellHandler, create_run_from_plan};
@@ -36,6 +38,7 @@ pub mod handler;
 pub mod lease;
 pub mod log_sink;
 pub mod plan;
+pub mod queries;
 mod retry;
 pub mod shell;
 pub mod status;
@@ -47,14 +50,17 @@ pub use executor::{
     default_worker_prefix,
 };
 pub use finish::{
-    closing_line_batch, epic_has_unfinished, finish_epic_if_done, finish_run_if_done, settle_run,
-    start_epic, start_run,
+    closing_line_batch, finish_epic_if_done, finish_run_if_done, settle_run, start_epic, start_run,
 };
 pub use handler::{CancelHandle, Cancellation, StoryContext, StoryHandler, StoryOutcome};
-pub use lease::{Claim, Lease, Release, TryClaim, expired_leases, pending_candidates};
+pub use lease::{Claim, Lease, Release, TryClaim};
 pub use lease::{claimed_by, released_by, still_held};
 pub use lease::{give_back, release, renew_lease, try_claim};
 pub use log_sink::{LogSink, LogSinkError};
 pub use plan::{Plan, PlanEpic, PlanError, PlanProblem, PlanStory, create_run_from_plan};
+pub use queries::{
+    StoryCounts, epic_has_unfinished, expired_leases, pending_candidates, run_has_unfinished,
+    unfinished_stories,
+};
 pub use shell::ShellHandler;
-pub use status::{EpicView, RunTree, RunView, StoryCounts, StoryView, load_run_tree};
+pub use status::{EpicView, RunTree, RunView, StoryView, load_run_tree};

@@ -2,108 +2,15 @@
 //! `run-engine status` prints (as text or JSON).
 
 use crate::error::EngineError;
+use crate::queries::StoryCounts;
 use chrono::{DateTime, SecondsFormat, Utc};
 use entity::{run, run_epic, run_story};
 use run_domain::{Lifecycle, StoryStatus};
-use sea_orm::{
-    ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
-};
+use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use uuid::Uuid;
-
-/// How many stories are in each status.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct StoryCounts {
-    /// Waiting to be claimed.
-    pub pending: u64,
-    /// Held by a worker.
-    pub running: u64,
-    /// Succeeded.
-    pub completed: u64,
-    /// Failed their last attempt.
-    pub failed: u64,
-    /// Cancelled with their run.
-    pub cancelled: u64,
-    /// In a status this crate does not know (counted as unfinished).
-    pub unknown: u64,
-}
-
-impl StoryCounts {
-    /// Every story.
-    pub fn total(&self) -> u64 {
-        self.pending + self.running + self.finished() + self.unknown
-    }
-
-    /// Stories in a terminal status.
-    pub fn finished(&self) -> u64 {
-        self.completed + self.failed + self.cancelled
-    }
-
-    /// Stories not in a terminal status.
-    pub fn unfinished(&self) -> u64 {
-        self.total() - self.finished()
-    }
-
-    /// Finished stories as a percentage of all (100 for none).
-    pub fn percent(&self) -> u64 {
-        match self.total() {
-            0 => 100,
-            total => self.finished() * 100 / total,
-        }
-    }
-
-    fn add(&mut self, status: &str, n: u64) {
-        match StoryStatus::parse(status) {
-            Some(StoryStatus::Pending) => self.pending += n,
-            Some(StoryStatus::Running) => self.running += n,
-            Some(StoryStatus::Completed) => self.completed += n,
-            Some(StoryStatus::Failed) => self.failed += n,
-            Some(StoryStatus::Cancelled) => self.cancelled += n,
-            None => self.unknown += n,
-        }
-    }
-
-    fn of_stories<'a>(stories: impl IntoIterator<Item = &'a run_story::Model>) -> StoryCounts {
-        let mut counts = StoryCounts::default();
-        for s in stories {
-            counts.add(&s.status, 1);
-        }
-        counts
-    }
-
-    /// Counts the stories of a run, in one grouped query.
-    pub async fn of_run<C: ConnectionTrait>(db: &C, run_id: Uuid) -> Result<StoryCounts, DbErr> {
-        Self::grouped(db, run_story::Column::RunId.eq(run_id)).await
-    }
-
-    /// Counts the stories of an epic, in one grouped query.
-    pub async fn of_epic<C: ConnectionTrait>(db: &C, epic_id: Uuid) -> Result<StoryCounts, DbErr> {
-        Self::grouped(db, run_story::Column::EpicId.eq(epic_id)).await
-    }
-
-    async fn grouped<C: ConnectionTrait>(
-        db: &C,
-        filter: sea_orm::sea_query::SimpleExpr,
-    ) -> Result<StoryCounts, DbErr> {
-        use sea_orm::sea_query::{Expr, ExprTrait};
-        let rows: Vec<(String, i64)> = run_story::Entity::find()
-            .select_only()
-            .column(run_story::Column::Status)
-            .column_as(Expr::col(run_story::Column::Id).count(), "n")
-            .filter(filter)
-            .group_by(run_story::Column::Status)
-            .into_tuple()
-            .all(db)
-            .await?;
-        let mut counts = StoryCounts::default();
-        for (status, n) in rows {
-            counts.add(&status, u64::try_from(n).unwrap_or(0));
-        }
-        Ok(counts)
-    }
-}
 
 fn ts(t: Option<DateTime<Utc>>) -> Option<String> {
     t.map(|t| t.to_rfc3339_opts(SecondsFormat::Millis, true))

@@ -14,7 +14,7 @@ pub fn default_worker_prefix() -> String {
     format!("{host}-{}", std::process::id())
 }
 
-/// How an [`Executor`] runs.
+/// How an [`Executor`](super::Executor) runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecutorConfig {
     /// Worker tasks in this process (at least 1).

@@ -1,6 +1,6 @@
 //! What an execution tells its subscribers as it goes, and the summary it ends with.
 
-use crate::status::StoryCounts;
+use crate::queries::StoryCounts;
 use run_domain::{Lifecycle, RunStatus, StoryStatus};
 use std::fmt;
 use std::time::Duration;
@@ -23,7 +23,7 @@ impl fmt::Display for StoryRef {
     }
 }
 
-/// Something an executor did, for progress displays ([`Executor::subscribe`]).
+/// Something an executor did, for progress displays ([`Executor::subscribe`](super::Executor::subscribe)).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExecutorEvent {
     /// A worker claimed a story and started its handler.

@@ -2,7 +2,8 @@
 
 use super::event::ExecutorEvent;
 use super::execution::Execution;
-use crate::finish::{epic_has_unfinished, finish_epic_if_done, finish_run_if_done};
+use crate::finish::{finish_epic_if_done, finish_run_if_done};
+use crate::queries::epic_has_unfinished;
 use entity::{run, run_epic, run_story};
 use run_domain::{EpicStatus, Lifecycle, RunStatus, VersionedUpdate};
 

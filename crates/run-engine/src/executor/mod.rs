@@ -6,7 +6,7 @@
 //!
 //! 1. stop if the process is shutting down or the run was cancelled;
 //! 2. take the next candidate from this process's queue and try to claim it by compare-and-swap
-//!    ([`try_claim`]), the next one if someone else took it first. An empty queue is refilled
+//!    ([`crate::lease::try_claim`]), the next one if someone else took it first. An empty queue is refilled
 //!    by one worker while the others wait: up to 64 pending stories of the run in position
 //!    order (and, about once a second, the running ones whose lease expired), shuffled. So no
 //!    two workers of a process try the same story, and processes that read the same window
@@ -20,7 +20,7 @@
 //!
 //! A story without output costs three statements: the claim, the result (both
 //! compare-and-swap), and one indexed look whether its epic has stories left
-//! ([`crate::finish::epic_has_unfinished`]), skipped while another worker of this process holds
+//! ([`crate::queries::epic_has_unfinished`]), skipped while another worker of this process holds
 //! a story of the epic (the last of them to record looks). Its log lines (started, its output,
 //! and the line that tells its result) go through one [`LogSink`] writer per execution, shared
 //! by every worker: they are written in batches together with every other worker's (group
@@ -72,8 +72,8 @@ use crate::error::{EngineError, TransientDb};
 use crate::finish::settle_run;
 use crate::handler::StoryHandler;
 use crate::log_sink::LogSink;
+use crate::queries::StoryCounts;
 use crate::retry::retry_transient;
-use crate::status::StoryCounts;
 use chrono::Utc;
 pub use config::{ExecutorConfig, default_worker_prefix};
 use entity::{run, run_epic};

@@ -6,14 +6,12 @@ use super::MAX_CONSECUTIVE_FAILURES;
 use super::event::ExecutorEvent;
 use super::execution::Execution;
 use crate::error::EngineError;
-use crate::lease::{
-    Claim, Lease, TryClaim, claimed_by, expired_leases, pending_candidates, try_claim,
-};
+use crate::lease::{Claim, Lease, TryClaim, claimed_by, try_claim};
+use crate::queries::{expired_leases, pending_candidates, run_has_unfinished};
 use crate::retry::backoff;
 use chrono::Utc;
 use entity::run_story;
 use run_domain::{Lifecycle, StoryStatus, VersionedUpdate};
-use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -94,15 +92,7 @@ impl Execution {
         }
     }
     pub(super) async fn has_unfinished(&self) -> Result<bool, EngineError> {
-        let n = run_story::Entity::find()
-            .filter(run_story::Column::RunId.eq(self.run_id))
-            .filter(
-                run_story::Column::Status
-                    .is_in([StoryStatus::Pending.as_str(), StoryStatus::Running.as_str()]),
-            )
-            .count(self.db())
-            .await?;
-        Ok(n > 0)
+        Ok(run_has_unfinished(self.db(), self.run_id).await?)
     }
     pub(super) async fn claim_next(&self, lease: &Lease) -> Result<Step, EngineError> {
         let db = self.db();

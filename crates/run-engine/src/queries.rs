@@ -1,0 +1,201 @@
+//! What the engine asks of the database, each question written once: story counts, the
+//! candidates a worker may claim, expired leases, and whether stories are left unfinished.
+//! (Writes live beside their rules: claims and releases in [`crate::lease`], epic and run
+//! completion in [`crate::finish`], cancellation in [`crate::cancel`].)
+
+use crate::error::EngineError;
+use crate::lease::lease_expired;
+use chrono::{DateTime, Utc};
+use entity::run_story;
+use run_domain::{Lifecycle, StoryStatus};
+use sea_orm::sea_query::SimpleExpr;
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DbErr, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
+    QuerySelect,
+};
+use serde::Serialize;
+use uuid::Uuid;
+
+/// The filter "the story is pending or running": not finished yet.
+pub(crate) fn unfinished() -> SimpleExpr {
+    run_story::Column::Status.is_in([StoryStatus::Pending.as_str(), StoryStatus::Running.as_str()])
+}
+
+/// How many stories are in each status.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct StoryCounts {
+    /// Waiting to be claimed.
+    pub pending: u64,
+    /// Held by a worker.
+    pub running: u64,
+    /// Succeeded.
+    pub completed: u64,
+    /// Failed their last attempt.
+    pub failed: u64,
+    /// Cancelled with their run.
+    pub cancelled: u64,
+    /// In a status this crate does not know (counted as unfinished).
+    pub unknown: u64,
+}
+
+impl StoryCounts {
+    /// Every story.
+    pub fn total(&self) -> u64 {
+        self.pending + self.running + self.finished() + self.unknown
+    }
+
+    /// Stories in a terminal status.
+    pub fn finished(&self) -> u64 {
+        self.completed + self.failed + self.cancelled
+    }
+
+    /// Stories not in a terminal status.
+    pub fn unfinished(&self) -> u64 {
+        self.total() - self.finished()
+    }
+
+    /// Finished stories as a percentage of all (100 for none).
+    pub fn percent(&self) -> u64 {
+        match self.total() {
+            0 => 100,
+            total => self.finished() * 100 / total,
+        }
+    }
+
+    fn add(&mut self, status: &str, n: u64) {
+        match StoryStatus::parse(status) {
+            Some(StoryStatus::Pending) => self.pending += n,
+            Some(StoryStatus::Running) => self.running += n,
+            Some(StoryStatus::Completed) => self.completed += n,
+            Some(StoryStatus::Failed) => self.failed += n,
+            Some(StoryStatus::Cancelled) => self.cancelled += n,
+            None => self.unknown += n,
+        }
+    }
+
+    pub(crate) fn of_stories<'a>(
+        stories: impl IntoIterator<Item = &'a run_story::Model>,
+    ) -> StoryCounts {
+        let mut counts = StoryCounts::default();
+        for s in stories {
+            counts.add(&s.status, 1);
+        }
+        counts
+    }
+
+    /// Counts the stories of a run, in one grouped query.
+    pub async fn of_run<C: ConnectionTrait>(db: &C, run_id: Uuid) -> Result<StoryCounts, DbErr> {
+        Self::grouped(db, run_story::Column::RunId.eq(run_id)).await
+    }
+
+    /// Counts the stories of an epic, in one grouped query.
+    pub async fn of_epic<C: ConnectionTrait>(db: &C, epic_id: Uuid) -> Result<StoryCounts, DbErr> {
+        Self::grouped(db, run_story::Column::EpicId.eq(epic_id)).await
+    }
+
+    async fn grouped<C: ConnectionTrait>(
+        db: &C,
+        filter: sea_orm::sea_query::SimpleExpr,
+    ) -> Result<StoryCounts, DbErr> {
+        use sea_orm::sea_query::{Expr, ExprTrait};
+        let rows: Vec<(String, i64)> = run_story::Entity::find()
+            .select_only()
+            .column(run_story::Column::Status)
+            .column_as(Expr::col(run_story::Column::Id).count(), "n")
+            .filter(filter)
+            .group_by(run_story::Column::Status)
+            .into_tuple()
+            .all(db)
+            .await?;
+        let mut counts = StoryCounts::default();
+        for (status, n) in rows {
+            counts.add(&status, u64::try_from(n).unwrap_or(0));
+        }
+        Ok(counts)
+    }
+}
+
+/// Up to `limit` pending stories of `run_id`, in position order.
+pub async fn pending_candidates<C: ConnectionTrait>(
+    db: &C,
+    run_id: Uuid,
+    limit: u64,
+) -> Result<Vec<run_story::Model>, EngineError> {
+    Ok(run_story::Entity::find()
+        .filter(run_story::Column::RunId.eq(run_id))
+        .filter(run_story::Column::Status.eq(StoryStatus::Pending.as_str()))
+        .order_by_asc(run_story::Column::Position)
+        .order_by_asc(run_story::Column::Id)
+        .limit(limit)
+        .all(db)
+        .await?)
+}
+
+/// Up to `limit` running stories of `run_id` whose lease ran out before `now`.
+///
+/// The expiry is compared here rather than in SQL, so that each backend's way of storing a
+/// timestamp does not matter; running stories are few (about one per live worker).
+pub async fn expired_leases<C: ConnectionTrait>(
+    db: &C,
+    run_id: Uuid,
+    now: DateTime<Utc>,
+    limit: usize,
+) -> Result<Vec<run_story::Model>, EngineError> {
+    let running = run_story::Entity::find()
+        .filter(run_story::Column::RunId.eq(run_id))
+        .filter(run_story::Column::Status.eq(StoryStatus::Running.as_str()))
+        .order_by_asc(run_story::Column::LeaseExpiresAt)
+        .all(db)
+        .await?;
+    Ok(running
+        .into_iter()
+        .filter(|s| lease_expired(s, now))
+        .take(limit)
+        .collect())
+}
+
+/// Whether a story of the epic is still pending or running: one look through the
+/// `(epic_id, status)` index, however many stories the epic has, so that the worker that
+/// finishes each story can ask it cheaply.
+///
+/// ```no_run
+/// # async fn demo(db: &sea_orm::DatabaseConnection, epic_id: uuid::Uuid) -> Result<(), sea_orm::DbErr> {
+/// if !run_engine::epic_has_unfinished(db, epic_id).await? {
+///     println!("every story of the epic is finished");
+/// }
+/// # Ok(()) }
+/// ```
+pub async fn epic_has_unfinished<C: ConnectionTrait>(db: &C, epic_id: Uuid) -> Result<bool, DbErr> {
+    let one = run_story::Entity::find()
+        .select_only()
+        .column(run_story::Column::Id)
+        .filter(run_story::Column::EpicId.eq(epic_id))
+        .filter(unfinished())
+        .limit(1)
+        .into_tuple::<Uuid>()
+        .one(db)
+        .await?;
+    Ok(one.is_some())
+}
+
+/// Whether any story of the run is still pending or running.
+pub async fn run_has_unfinished<C: ConnectionTrait>(db: &C, run_id: Uuid) -> Result<bool, DbErr> {
+    let n = run_story::Entity::find()
+        .filter(run_story::Column::RunId.eq(run_id))
+        .filter(unfinished())
+        .count(db)
+        .await?;
+    Ok(n > 0)
+}
+
+/// The stories of the run that are still pending or running.
+pub async fn unfinished_stories<C: ConnectionTrait>(
+    db: &C,
+    run_id: Uuid,
+) -> Result<Vec<run_story::Model>, DbErr> {
+    run_story::Entity::find()
+        .filter(run_story::Column::RunId.eq(run_id))
+        .filter(unfinished())
+        .all(db)
+        .await
+}
