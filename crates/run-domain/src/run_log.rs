@@ -17,9 +17,8 @@
 //! Messages are stored as bytes: NUL, control characters and any other byte of a `&str` read back
 //! exactly on every backend (PostgreSQL's `text` would reject NUL).
 
-use crate::connection::is_transient;
 use crate::error::LogError;
-use crate::retry::RetryPolicy;
+use crate::retry::{RetryPolicy, Retryable, retry_when};
 use chrono::{DateTime, SecondsFormat, SubsecRound, Utc};
 use entity::{run, run_log, run_log_head};
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Query};
@@ -184,16 +183,13 @@ where
 /// later try looks, and writes nothing if an earlier try committed with its answer lost.
 ///
 /// ```no_run
+/// use run_domain::retry::retry_transient;
 /// # async fn demo(db: &sea_orm::DatabaseConnection, run_id: uuid::Uuid) -> Result<(), run_domain::LogError> {
 /// let batch = run_domain::LogBatch::new(run_id, ["compiling", "linking"]);
-/// let receipt = loop {
-///     match batch.append(db).await {
-///         // The same id again: written once, whatever the failed try did.
-///         Err(run_domain::LogError::Database(e)) if run_domain::is_transient(&e) => continue,
-///         other => break other?,
-///     }
-/// };
-/// assert_eq!(receipt.batch_id, batch.batch_id());
+/// // The same id on every try: written once, whatever a failed try did.
+/// let budget = Some(std::time::Duration::from_secs(30));
+/// let (receipt, _) = retry_transient(budget, || batch.append_once(db), |_| {}).await;
+/// assert_eq!(receipt?.batch_id, batch.batch_id());
 /// # Ok(()) }
 /// ```
 #[derive(Debug)]
@@ -230,6 +226,18 @@ impl<S: AsRef<str>> LogBatch<S> {
         &self.messages
     }
 
+    /// Appends the batch once, without trying again: for a writer that retries on its own
+    /// (with [`crate::retry::retry_transient`]), so that no retry runs inside another. Only the
+    /// first try skips looking for an earlier one. (A call whose future is dropped counts as a
+    /// try.)
+    pub async fn append_once<C>(&self, db: &C) -> Result<AppendReceipt, LogError>
+    where
+        C: ConnectionTrait + TransactionTrait,
+    {
+        let fresh = !self.tried.swap(true, AtomicOrdering::SeqCst);
+        append_once(db, self.run_id, self.batch_id, &self.messages, !fresh).await
+    }
+
     /// Appends the batch, as [`append_run_logs_idempotent`] does; only the first call skips
     /// looking for an earlier try. (A call whose future is dropped counts as a try.)
     pub async fn append<C>(&self, db: &C) -> Result<AppendReceipt, LogError>
@@ -262,19 +270,15 @@ where
         base_delay: Duration::from_millis(50),
         max_delay: Duration::from_secs(2),
     };
-    let mut attempt = 1;
-    loop {
-        let look_for_earlier_try = !fresh_id || attempt > 1;
-        match append_once(db, run_id, batch_id, &messages, look_for_earlier_try).await {
-            // SAFETY(idempotency): a retried batch whose first try committed is found by its
-            // batch id and not written again.
-            Err(LogError::Database(e)) if is_transient(&e) && attempt < policy.max_attempts => {
-                tokio::time::sleep(policy.delay(attempt)).await;
-                attempt += 1;
-            }
-            result => return result,
-        }
-    }
+    // SAFETY(idempotency): a retried batch whose first try committed is found by its batch id
+    // and not written again.
+    let (result, _) = retry_when(
+        &policy,
+        |attempt| append_once(db, run_id, batch_id, &messages, !fresh_id || attempt > 1),
+        |e: &LogError| e.is_transient(),
+    )
+    .await;
+    result
 }
 
 async fn append_once<C, S>(

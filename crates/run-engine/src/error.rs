@@ -1,6 +1,6 @@
 //! The executor's error type: what went wrong, and with which run.
 
-use run_domain::{ConcurrencyError, CreateError, LogError, TransitionError};
+use run_domain::{ConcurrencyError, CreateError, LogError, Retryable, TransitionError};
 use sea_orm::DbErr;
 use uuid::Uuid;
 
@@ -69,17 +69,26 @@ pub enum EngineError {
 }
 
 impl EngineError {
-    /// True when a fresh attempt could succeed: a version conflict (after a re-read), or a
-    /// database failure that [`run_domain::connection::is_transient`] calls transient (a
-    /// dropped or killed connection, a restarting server, no pooled connection in time, a
-    /// deadlock victim). A
-    /// missing run, an unknown status, or a database error such as a constraint violation is
-    /// not: trying again would fail the same way.
+    /// True for a database failure worth retrying as is, however deeply wrapped
+    /// ([`run_domain::retry::is_transient`]: a dropped or killed connection, a restarting
+    /// server, no pooled connection in time, a lock not granted in time, a deadlock victim). A
+    /// conflict is not (see [`EngineError::is_conflict`]); a missing run, an unknown status, or
+    /// a database error such as a constraint violation is not either: trying again would fail
+    /// the same way.
     pub fn is_transient(&self) -> bool {
-        self.is_conflict() || self.is_transient_db()
+        match self {
+            EngineError::Concurrency(c) => Retryable::is_transient(c),
+            EngineError::Transition(t) => Retryable::is_transient(t),
+            EngineError::Log(l) => Retryable::is_transient(l),
+            EngineError::Create(CreateError::Database(e)) | EngineError::Database(e) => {
+                run_domain::retry::is_transient(e)
+            }
+            EngineError::WorkerGaveUp { last, .. } => last.is_transient(),
+            _ => false,
+        }
     }
 
-    /// True for a version conflict.
+    /// True for a version conflict: re-read and try again.
     pub fn is_conflict(&self) -> bool {
         matches!(
             self,
@@ -90,54 +99,22 @@ impl EngineError {
         )
     }
 
-    /// True for a database failure worth retrying as is ([`run_domain::connection::is_transient`]).
+    /// The same as [`EngineError::is_transient`] (its earlier name).
     pub fn is_transient_db(&self) -> bool {
-        match self {
-            EngineError::Concurrency(c) => c.is_transient_db(),
-            EngineError::Transition(t) => t.is_transient_db(),
-            EngineError::Log(l) => l.is_transient_db(),
-            EngineError::Create(CreateError::Database(e)) | EngineError::Database(e) => {
-                run_domain::connection::is_transient(e)
-            }
-            EngineError::WorkerGaveUp { last, .. } => last.is_transient_db(),
-            _ => false,
-        }
+        self.is_transient()
     }
 }
 
-/// An error that can say whether it is a transient database failure, worth retrying as is
-/// ([`run_domain::connection::is_transient`] on the [`DbErr`] inside, however deeply wrapped).
-pub trait TransientDb {
-    /// True for a transient database failure.
-    fn is_transient_db(&self) -> bool;
-}
+impl Retryable for EngineError {
+    fn is_conflict(&self) -> bool {
+        EngineError::is_conflict(self)
+    }
 
-impl TransientDb for DbErr {
-    fn is_transient_db(&self) -> bool {
-        run_domain::connection::is_transient(self)
+    fn is_transient(&self) -> bool {
+        EngineError::is_transient(self)
     }
 }
 
-impl TransientDb for ConcurrencyError {
-    fn is_transient_db(&self) -> bool {
-        matches!(self, ConcurrencyError::Database(e) if run_domain::connection::is_transient(e))
-    }
-}
-
-impl TransientDb for TransitionError {
-    fn is_transient_db(&self) -> bool {
-        matches!(self, TransitionError::Concurrency(c) if c.is_transient_db())
-    }
-}
-
-impl TransientDb for LogError {
-    fn is_transient_db(&self) -> bool {
-        matches!(self, LogError::Database(e) if run_domain::connection::is_transient(e))
-    }
-}
-
-impl TransientDb for EngineError {
-    fn is_transient_db(&self) -> bool {
-        EngineError::is_transient_db(self)
-    }
-}
+/// The earlier name of [`run_domain::Retryable`], the one trait that says whether an error is
+/// worth trying again (a conflict, or a transient database failure).
+pub use run_domain::Retryable as TransientDb;

@@ -133,8 +133,7 @@ where
     C: ConnectionTrait + TransactionTrait,
 {
     let policy = RetryPolicy::default();
-    let mut attempt = 1;
-    loop {
+    retry(&policy, |_| async {
         let epic = run_epic::Entity::find_versioned(db, epic_id).await?;
         let status = EpicStatus::parse(&epic.status)
             .ok_or_else(|| unknown("run_epic", epic.id, &epic.status))?;
@@ -172,15 +171,13 @@ where
         )
         .await?;
         match transition_with::<run_epic::Entity, _>(db, &epic, verdict.epic(), changes).await {
-            Ok(epic) => return Ok(Some(epic)),
-            Err(e) if e.is_conflict() && attempt < policy.max_attempts => {
-                tokio::time::sleep(policy.delay(attempt)).await;
-                attempt += 1;
-            }
-            Err(TransitionError::Illegal { .. }) => return Ok(None),
-            Err(e) => return Err(e.into()),
+            Ok(epic) => Ok(Some(epic)),
+            Err(TransitionError::Illegal { .. }) => Ok(None),
+            // A conflict: `retry` reads again and decides again.
+            Err(e) => Err(e.into()),
         }
-    }
+    })
+    .await
 }
 
 /// Finishes the run if every epic of it is terminal and it is not finished yet, writing its
@@ -192,8 +189,7 @@ where
     C: ConnectionTrait + TransactionTrait,
 {
     let policy = RetryPolicy::default();
-    let mut attempt = 1;
-    loop {
+    retry(&policy, |_| async {
         let run = match run::Entity::find_versioned(db, run_id).await {
             Ok(run) => run,
             Err(ConcurrencyError::NotFound { .. }) => return Err(EngineError::RunNotFound(run_id)),
@@ -257,18 +253,16 @@ where
         )
         .await?;
         match transition_with::<run::Entity, _>(db, &run, verdict.run(), changes).await {
-            Ok(run) => return Ok(Some(run)),
-            Err(e) if e.is_conflict() && attempt < policy.max_attempts => {
-                tokio::time::sleep(policy.delay(attempt)).await;
-                attempt += 1;
-            }
-            Err(TransitionError::Illegal { .. }) => return Ok(None),
+            Ok(run) => Ok(Some(run)),
+            Err(TransitionError::Illegal { .. }) => Ok(None),
             Err(TransitionError::Concurrency(ConcurrencyError::NotFound { .. })) => {
-                return Err(EngineError::RunNotFound(run_id));
+                Err(EngineError::RunNotFound(run_id))
             }
-            Err(e) => return Err(e.into()),
+            // A conflict: `retry` reads again and decides again.
+            Err(e) => Err(e.into()),
         }
-    }
+    })
+    .await
 }
 
 /// The run's closing line: `run <key> <status>`, with its error when it has one.

@@ -39,7 +39,6 @@ pub mod lease;
 pub mod log_sink;
 pub mod plan;
 pub mod queries;
-mod retry;
 pub mod shell;
 pub mod status;
 

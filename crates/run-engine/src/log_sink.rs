@@ -10,13 +10,13 @@
 //! together (group commit): flushes that arrive while a batch is being written are served by
 //! the next one, whatever their number.
 //!
-//! Each batch gets its id once, before its first try: the append retries transient failures
-//! itself, and the sink tries the same batch again for up to [`LogSink::RETRY_BUDGET`] after
-//! that, so a batch survives a server restart, and a try that committed with its answer lost is
-//! not written twice.
+//! Each batch gets its id once, before its first try, and is tried again through transient
+//! failures (a lock-wait timeout included) for up to [`LogSink::RETRY_BUDGET`] and at least 14
+//! times, so a batch survives a server restart and a writer stalled while holding the log, and
+//! a try that committed with its answer lost is not written twice.
 
-use crate::retry::retry_transient;
-use run_domain::LogBatch;
+use run_domain::retry::{Schedule, backoff, retry_when};
+use run_domain::{LogBatch, Retryable};
 use sea_orm::DatabaseConnection;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -93,7 +93,7 @@ impl LogSink {
     }
 
     /// Like [`LogSink::start`], trying a batch again through transient database failures for up
-    /// to `retry` (`None`: only the append's own retries).
+    /// to `retry` and at least 14 times (`None`: never).
     pub fn start_with_retry(
         db: DatabaseConnection,
         run_id: Uuid,
@@ -153,7 +153,8 @@ impl LogSink {
     }
 
     /// Writes every line queued so far, through any handle, and waits until they are in the
-    /// database. Reports lines that had to be dropped since the last flush.
+    /// database. Reports lines that had to be dropped: once any were, every later flush
+    /// reports them (the lines of whoever flushes may have been among them).
     pub async fn flush(&self) -> Result<(), LogSinkError> {
         let (reply, answer) = oneshot::channel();
         if self.tx.send(Message::Flush(reply)).await.is_err() {
@@ -209,7 +210,9 @@ async fn write_batches(
         if !waiting.is_empty() || batch.len() >= LogSink::BATCH_LINES {
             write_batch(&db, run_id, &mut batch, &mut dropped, retry).await;
             oldest = None;
-            let report = dropped.take().map_or(Ok(()), Err);
+            // Sticky: once lines were dropped, every later flush reports it, since the lines
+            // of whoever flushes next may have been in the batch that failed (group commit).
+            let report = dropped.clone().map_or(Ok(()), Err);
             for reply in waiting.drain(..) {
                 let _ = reply.send(report.clone());
             }
@@ -230,7 +233,12 @@ async fn write_batch(
     // SAFETY(idempotency): one batch for every try, here and inside the append, so a try that
     // committed but whose answer was lost is found and not written twice.
     let batch = LogBatch::new(run_id, std::mem::take(batch));
-    let (result, _) = retry_transient(retry, || batch.append(db), |_| {}).await;
+    let (result, _) = retry_when(
+        &SinkRetry { budget: retry },
+        |_| batch.append_once(db),
+        |e: &run_domain::LogError| e.is_transient(),
+    )
+    .await;
     if let Err(e) = result {
         let lost = dropped.get_or_insert(LogSinkError {
             run_id,
@@ -239,5 +247,27 @@ async fn write_batch(
         });
         lost.lines += batch.messages().len();
         lost.reason = e.to_string();
+    }
+}
+
+/// How a batch is tried again: for the sink's budget, and at least as often as an append
+/// retries on its own ([`run_domain::append_run_logs_idempotent`]: 14 tries), so that a try that
+/// spent the whole budget waiting for a lock (MariaDB waits 50 s by default) is still tried
+/// again. With no budget, never.
+struct SinkRetry {
+    budget: Option<Duration>,
+}
+
+/// Tries of a batch that are made even past the budget.
+const MIN_TRIES: u32 = 14;
+
+impl Schedule for SinkRetry {
+    fn allows(&self, failures: u32, elapsed: Duration) -> bool {
+        self.budget
+            .is_some_and(|budget| elapsed < budget || failures < MIN_TRIES)
+    }
+
+    fn wait(&self, failures: u32, _elapsed: Duration) -> Duration {
+        backoff(failures)
     }
 }

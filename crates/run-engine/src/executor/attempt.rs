@@ -1,6 +1,7 @@
 //! One attempt at one claimed story: start its epic and run, run its handler under
 //! supervision, record the result, and let the epic finish.
 
+use super::completer::AttemptEnd;
 use super::event::ExecutorEvent;
 use super::execution::Execution;
 use super::execution::Held;
@@ -75,7 +76,17 @@ impl Execution {
                 stop: Some(Stop::RunCancelled),
             };
             let finished = self
-                .record(&sref, &log, story, lease, ending, Duration::ZERO)
+                .record(
+                    &sref,
+                    &log,
+                    story,
+                    lease,
+                    AttemptEnd {
+                        ending,
+                        elapsed: Duration::ZERO,
+                        output_from: log.lines_queued(),
+                    },
+                )
                 .await;
             self.after_recorded(finished, held).await;
             return;
@@ -105,6 +116,7 @@ impl Execution {
             taken_over_from: claim.taken_over_from.clone(),
         });
 
+        let output_from = log.lines_queued();
         let started = Instant::now();
         let (cancel_handle, cancel) = Cancellation::new();
         let ctx = StoryContext {
@@ -117,7 +129,19 @@ impl Execution {
         };
         let (ending, last) = self.supervise(ctx, cancel_handle, story, lease).await;
         let elapsed = started.elapsed();
-        let finished = self.record(&sref, &log, last, lease, ending, elapsed).await;
+        let finished = self
+            .record(
+                &sref,
+                &log,
+                last,
+                lease,
+                AttemptEnd {
+                    ending,
+                    elapsed,
+                    output_from,
+                },
+            )
+            .await;
         self.after_recorded(finished, held).await;
     }
     /// Counts a story of `epic` as held by this process.

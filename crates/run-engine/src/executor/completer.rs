@@ -11,11 +11,12 @@ use crate::error::TransientDb;
 use crate::handler::StoryOutcome;
 use crate::lease::{Lease, Release, give_back, release, released_by, still_held};
 use crate::log_sink::LogSink;
-use crate::retry::backoff;
 use chrono::Utc;
 use entity::run_story;
+use run_domain::retry::{Schedule, TransientPolicy, retry_when};
 use run_domain::{ConcurrencyError, Lifecycle, StoryStatus, TransitionError, VersionedUpdate};
-use std::sync::atomic::Ordering;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -28,9 +29,13 @@ impl Execution {
         log: &LogSink,
         mut held: run_story::Model,
         lease: &Lease,
-        ending: Ending,
-        elapsed: Duration,
+        end: AttemptEnd,
     ) -> Option<run_story::Model> {
+        let AttemptEnd {
+            ending,
+            elapsed,
+            output_from,
+        } = end;
         let worker = &lease.owner;
         let (outcome, stop) = match ending {
             Ending::Fenced { detail } => {
@@ -40,83 +45,106 @@ impl Execution {
             Ending::Done { outcome, stop } => (outcome, stop),
         };
         let how = release_for(stop, outcome);
-        // SAFETY(log order): the story's output and the line that tells its result go in
-        // before the result is recorded, so that whoever sees the story finished (and then
-        // writes its epic's or the run's closing line) has every line of it before its own.
-        // Only while the lease is surely ours, though: nobody can have taken over a lease that
-        // has not expired, so the result line cannot be a lie. Past (nine tenths of) the lease
-        // a take-over may have happened (this process was stopped or cut off): then the result
-        // is recorded first and its line written only if the record stands.
+        // SAFETY(log order): the story's output goes in before its result is recorded, so that
+        // a reader who sees the story finished has seen its output (a story without output
+        // does not wait for the log). The line that tells the result follows the record, so
+        // that it never claims a result that was not recorded (the process may die, or be
+        // fenced off, in between), except for a cancellation: that line goes in first, since
+        // a cancelled run's closing line follows its last story's record and must be the
+        // log's last line. (A cancellation line written first is true whatever happens next:
+        // nobody runs a story of a cancelled run again.) Only while the lease is surely ours:
+        // past (nine tenths of) it, a take-over may have happened, and the record goes first.
         let took = format!("{:.2}s", elapsed.as_secs_f64());
         let line = result_line(how.as_ref(), stop, &held, worker, &took);
         let lease_left = held
             .lease_expires_at
             .and_then(|t| (t - Utc::now()).to_std().ok())
             .unwrap_or(Duration::ZERO);
-        let line_first = lease_left > lease.duration / 10;
-        if line_first && !self.write_result_line(log, &held, &line).await {
+        let line_first = how == Some(Release::Cancelled) && lease_left > lease.duration / 10;
+        let output = log.lines_queued() > output_from;
+        if (line_first || output)
+            && !self
+                .write_result_line(log, &held, line_first.then_some(&line))
+                .await
+        {
             return None;
         }
+        // The version to release from: moves on when a renewal of ours turns out to have
+        // committed with its answer lost (adopted, at most MAX_ADOPTIONS times).
+        let current = Mutex::new(held.clone());
+        let adoptions = AtomicU32::new(0);
+        let transient = TransientPolicy::within(self.config().budget());
         let started = Instant::now();
-        let mut failures = 0u32;
-        let mut adoptions = 0u32;
-        let result = loop {
-            let result = match &how {
-                Some(how) => release(self.db(), &held, how.clone()).await,
-                None => give_back(self.db(), &held).await,
-            };
-            match result {
-                Err(TransitionError::Concurrency(e))
-                    if e.is_transient_db()
-                        && self
-                            .config()
-                            .budget()
-                            .is_some_and(|budget| started.elapsed() < budget) =>
+        let (result, _) = retry_when(
+            &Recorder { transient },
+            |_| {
+                let (current, adoptions, how) = (&current, &adoptions, how.as_ref());
+                async move {
+                    let from = current
+                        .lock()
+                        .map(|h| h.clone())
+                        .unwrap_or_else(|p| p.into_inner().clone());
+                    let result = match how {
+                        Some(how) => release(self.db(), &from, how.clone()).await,
+                        None => give_back(self.db(), &from).await,
+                    };
+                    let conflict = match result {
+                        Ok(story) => return Ok(story),
+                        Err(
+                            e @ TransitionError::Concurrency(ConcurrencyError::Conflict { .. }),
+                        ) => e,
+                        Err(e) => return Err(Recording::Failed(e)),
+                    };
+                    // SAFETY(lost answer): the version moved on. Either a try before this one
+                    // committed with its answer lost, or a renewal of ours did (one dropped in
+                    // flight when the handler ended), or another worker took the story over:
+                    // re-read and tell which. (A failed re-read is transient or final like any
+                    // other failure; the next try meets the same conflict and reads again.)
+                    let now = run_story::Entity::find_versioned(self.db(), from.id)
+                        .await
+                        .map_err(|e| Recording::Failed(e.into()))?;
+                    if released_by(&now, &from, how, worker) {
+                        self.stats.recognised.fetch_add(1, Ordering::Relaxed);
+                        return Ok(now);
+                    }
+                    if adoptions.load(Ordering::Relaxed) < MAX_ADOPTIONS
+                        && still_held(&now, &from, worker)
+                    {
+                        self.stats.recognised.fetch_add(1, Ordering::Relaxed);
+                        adoptions.fetch_add(1, Ordering::Relaxed);
+                        if let Ok(mut current) = current.lock() {
+                            *current = now;
+                        }
+                        return Err(Recording::Adopted);
+                    }
+                    Err(Recording::Failed(conflict))
+                }
+            },
+            |e: &Recording| match e {
+                Recording::Adopted => true,
+                Recording::Failed(e)
+                    if e.is_transient() && transient.allows(0, started.elapsed()) =>
                 {
-                    failures += 1;
                     self.stats.retried.fetch_add(1, Ordering::Relaxed);
                     self.warn(format!("recording {sref} failed, trying again: {e}"));
-                    tokio::time::sleep(backoff(failures)).await;
+                    true
                 }
-                // SAFETY(lost answer): the version moved on. Either a try before this one
-                // committed with its answer lost, or a renewal of ours did (one dropped in
-                // flight when the handler ended), or another worker took the story over:
-                // re-read and tell which.
-                Err(TransitionError::Concurrency(ConcurrencyError::Conflict {
-                    entity,
-                    id,
-                    expected,
-                    actual,
-                })) => {
-                    let (now, _) = self
-                        .retrying("re-reading a story after a conflict", || {
-                            run_story::Entity::find_versioned(self.db(), held.id)
-                        })
-                        .await;
-                    match now {
-                        Ok(now) if released_by(&now, &held, how.as_ref(), worker) => {
-                            self.stats.recognised.fetch_add(1, Ordering::Relaxed);
-                            break Ok(now);
-                        }
-                        Ok(now) if adoptions < MAX_ADOPTIONS && still_held(&now, &held, worker) => {
-                            self.stats.recognised.fetch_add(1, Ordering::Relaxed);
-                            adoptions += 1;
-                            held = now;
-                        }
-                        Ok(_) => {
-                            break Err(TransitionError::Concurrency(ConcurrencyError::Conflict {
-                                entity,
-                                id,
-                                expected,
-                                actual,
-                            }));
-                        }
-                        Err(e) => break Err(e.into()),
-                    }
-                }
-                other => break other,
-            }
-        };
+                Recording::Failed(_) => false,
+            },
+        )
+        .await;
+        held = current.into_inner().unwrap_or_else(|p| p.into_inner());
+        let result = result.map_err(|e| match e {
+            Recording::Failed(e) => e,
+            // Never returned (an adoption is always tried again); should it be, the conflict
+            // stands.
+            Recording::Adopted => TransitionError::Concurrency(ConcurrencyError::Conflict {
+                entity: "run_story",
+                id: held.id,
+                expected: held.version,
+                actual: held.version,
+            }),
+        });
         let story = match result {
             Ok(story) => story,
             Err(
@@ -135,8 +163,10 @@ impl Execution {
                 return None;
             }
         };
-        if !line_first && !self.write_result_line(log, &story, &line).await {
-            return None;
+        if !line_first {
+            // Not waited for: it goes in with the next batch (at the latest before an epic or
+            // the run is finished, or before the execution returns).
+            log.line(line).await;
         }
         let status = StoryStatus::parse(&story.status).unwrap_or(StoryStatus::Pending);
         let attempt = held.attempts;
@@ -160,13 +190,20 @@ impl Execution {
         }
         status.is_terminal().then_some(story)
     }
-    /// Writes the result line with the story's output and waits for it. Lines that cannot be
+    /// Writes the story's output (and the result line, if given) and waits for it. Lines that cannot be
     /// written stop the execution: the story is given back (or, if the database cannot be
     /// reached either, its lease expires), so nothing stays recorded without its lines, and
     /// `false` is returned. (A story already recorded stays recorded; its run is not settled by
     /// this execution.)
-    async fn write_result_line(&self, log: &LogSink, held: &run_story::Model, line: &str) -> bool {
-        log.line(line).await;
+    async fn write_result_line(
+        &self,
+        log: &LogSink,
+        held: &run_story::Model,
+        line: Option<&String>,
+    ) -> bool {
+        if let Some(line) = line {
+            log.line(line).await;
+        }
         match log.flush().await {
             Ok(()) => true,
             Err(e) => {
@@ -244,6 +281,44 @@ pub(super) fn result_line(
             (StoryStatus::Cancelled, _) => format!("cancelled on {worker}"),
             (other, _) => format!("{other} on {worker}"),
         },
+    }
+}
+
+/// How an attempt ended, for [`Execution::record`].
+pub(super) struct AttemptEnd {
+    /// How the handler ended.
+    pub(super) ending: Ending,
+    /// How long it ran.
+    pub(super) elapsed: Duration,
+    /// The count of the story's log handle before the handler ran: lines past it are output.
+    pub(super) output_from: u64,
+}
+
+/// Why one try at recording failed.
+enum Recording {
+    /// The release failed (a conflict not of our own making, or a database failure).
+    Failed(TransitionError),
+    /// The story had moved on by a renewal of ours: try again from that version.
+    Adopted,
+}
+
+/// How recording is tried again: transient failures within the transient policy's budget
+/// (decided per error, above), adoptions always (bounded by [`MAX_ADOPTIONS`]); waits as the
+/// transient policy's.
+struct Recorder {
+    transient: TransientPolicy,
+}
+
+impl Schedule for Recorder {
+    fn allows(&self, _failures: u32, _elapsed: Duration) -> bool {
+        true
+    }
+
+    fn wait(&self, failures: u32, elapsed: Duration) -> Duration {
+        match self.transient.budget {
+            Some(_) => self.transient.wait(failures, elapsed),
+            None => Duration::ZERO,
+        }
     }
 }
 

@@ -8,9 +8,9 @@ use super::execution::Execution;
 use crate::error::EngineError;
 use crate::lease::{Claim, Lease, TryClaim, claimed_by, try_claim};
 use crate::queries::{expired_leases, pending_candidates, run_has_unfinished};
-use crate::retry::backoff;
 use chrono::Utc;
 use entity::run_story;
+use run_domain::retry::{Schedule, TransientPolicy, backoff};
 use run_domain::{Lifecycle, StoryStatus, VersionedUpdate};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -64,10 +64,9 @@ impl Execution {
                     let since = *failing_since.get_or_insert_with(Instant::now);
                     // Transient database failures: for as long as the budget allows (a server
                     // restart); conflicts: a few times; anything else: not at all.
-                    let again = if e.is_transient_db() {
-                        self.config()
-                            .budget()
-                            .is_some_and(|budget| since.elapsed() < budget)
+                    let again = if e.is_transient() {
+                        TransientPolicy::within(self.config().budget())
+                            .allows(failures, since.elapsed())
                     } else {
                         e.is_conflict() && failures < MAX_CONSECUTIVE_FAILURES
                     };
@@ -79,7 +78,7 @@ impl Execution {
                             last: Box::new(e),
                         });
                     }
-                    if e.is_transient_db() {
+                    if e.is_transient() {
                         self.stats.retried.fetch_add(1, Ordering::Relaxed);
                     }
                     self.warn(format!(
@@ -109,7 +108,7 @@ impl Execution {
                 Ok(TryClaim::Claimed(claim)) => return Ok(Step::Claimed(Box::new(claim))),
                 Ok(TryClaim::Exhausted(story)) => self.on_exhausted(story).await,
                 Ok(TryClaim::Lost) => {}
-                Err(e) if e.is_transient_db() => {
+                Err(e) if e.is_transient() => {
                     return match self.recognise_claim(&candidate, lease).await {
                         Some(claim) => Ok(Step::Claimed(Box::new(claim))),
                         None => Err(e),

@@ -7,9 +7,9 @@ use super::shutdown::ShutdownLevel;
 use crate::error::TransientDb;
 use crate::handler::{CancelHandle, StoryContext, StoryOutcome};
 use crate::lease::{Lease, renew_lease, still_held};
-use crate::retry::backoff;
 use chrono::Utc;
 use entity::run_story;
+use run_domain::retry::backoff;
 use run_domain::{ConcurrencyError, RunStatus, VersionedUpdate};
 use sea_orm::DatabaseConnection;
 use std::future::Future;
@@ -130,7 +130,7 @@ impl Execution {
                         }
                         Renewal::Failed(e) => {
                             renew_failures += 1;
-                            let soon = e.is_transient_db() && self.config().retry_transient;
+                            let soon = e.is_transient() && self.config().retry_transient;
                             next_renewal = if soon {
                                 self.stats.retried.fetch_add(1, Ordering::Relaxed);
                                 Instant::now() + backoff(renew_failures).min(renew_every)

@@ -2,6 +2,7 @@
 //! every password redacted.
 
 use anyhow::{Context, Result};
+use run_domain::retry::{Schedule, retry_when};
 use run_domain::{redact_text, redact_url};
 use sea_orm::DatabaseConnection;
 use std::time::Duration;
@@ -82,32 +83,33 @@ pub(crate) async fn probe_server(url: &str) -> Result<()> {
         _ => return Ok(()),
     };
     let (host, port) = (host.to_owned(), parsed.port().unwrap_or(default_port));
-    let started = std::time::Instant::now();
-    let unreachable = loop {
-        let (h, p) = (host.clone(), port);
-        let attempt = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            use std::net::ToSocketAddrs;
-            let mut last = None;
-            for addr in (h.as_str(), p).to_socket_addrs()? {
-                match std::net::TcpStream::connect_timeout(&addr, PROBE_TIMEOUT) {
-                    Ok(_) => return Ok(()),
-                    Err(e) => last = Some(e),
-                }
+    // A server that is starting up refuses for a moment: refusals are tried again for a while.
+    let (tried, _) = retry_when(
+        &Patience,
+        |_| {
+            let (h, p) = (host.clone(), port);
+            async move {
+                tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                    use std::net::ToSocketAddrs;
+                    let mut last = None;
+                    for addr in (h.as_str(), p).to_socket_addrs()? {
+                        match std::net::TcpStream::connect_timeout(&addr, PROBE_TIMEOUT) {
+                            Ok(_) => return Ok(()),
+                            Err(e) => last = Some(e),
+                        }
+                    }
+                    Err(last
+                        .unwrap_or_else(|| std::io::Error::other("the host name has no address")))
+                })
+                .await
+                .map_err(|e| std::io::Error::other(format!("probing the database server: {e}")))?
             }
-            Err(last.unwrap_or_else(|| std::io::Error::other("the host name has no address")))
-        })
-        .await
-        .context("probing the database server")?;
-        match attempt {
-            Ok(()) => return Ok(()),
-            Err(e)
-                if e.kind() == std::io::ErrorKind::ConnectionRefused
-                    && started.elapsed() < PROBE_PATIENCE =>
-            {
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-            Err(e) => break e,
-        }
+        },
+        |e: &std::io::Error| e.kind() == std::io::ErrorKind::ConnectionRefused,
+    )
+    .await;
+    let Err(unreachable) = tried else {
+        return Ok(());
     };
     let why = match unreachable.kind() {
         std::io::ErrorKind::ConnectionRefused => {
@@ -127,6 +129,19 @@ pub(crate) async fn probe_server(url: &str) -> Result<()> {
         "cannot connect to {}: the server {server} cannot be reached: {why}",
         redact_url(url)
     )
+}
+
+/// How a refused probe is tried again: every 250 ms for [`PROBE_PATIENCE`].
+struct Patience;
+
+impl Schedule for Patience {
+    fn allows(&self, _failures: u32, elapsed: Duration) -> bool {
+        elapsed < PROBE_PATIENCE
+    }
+
+    fn wait(&self, _failures: u32, _elapsed: Duration) -> Duration {
+        Duration::from_millis(250)
+    }
 }
 
 #[cfg(test)]

@@ -12,11 +12,13 @@
 //! or a queue), or give each writer its own row; keep compare-and-swap for state that is
 //! contended only now and then (a story's status, a lease, a run's completion).
 
-use crate::error::{ConcurrencyError, TransitionError};
+use super::{Retryable, Schedule, retry_when};
+use crate::error::ConcurrencyError;
 use crate::versioned::{Changes, VersionedUpdate, find_current};
 use sea_orm::{ConnectionTrait, TransactionTrait};
 use std::future::Future;
 use std::time::Duration;
+use tokio::time::Instant;
 use uuid::Uuid;
 
 /// How often and how patiently to retry.
@@ -62,26 +64,18 @@ impl RetryPolicy {
     }
 }
 
-/// An error that says whether trying again may succeed.
-pub trait Retryable {
-    /// True when a fresh attempt may succeed (a version conflict).
-    fn is_retryable(&self) -> bool;
-}
+impl Schedule for RetryPolicy {
+    fn allows(&self, failures: u32, _elapsed: Duration) -> bool {
+        failures < self.max_attempts.max(1)
+    }
 
-impl Retryable for ConcurrencyError {
-    fn is_retryable(&self) -> bool {
-        self.is_conflict()
+    fn wait(&self, failures: u32, _elapsed: Duration) -> Duration {
+        self.delay(failures)
     }
 }
 
-impl Retryable for TransitionError {
-    fn is_retryable(&self) -> bool {
-        self.is_conflict()
-    }
-}
-
-/// Runs `op` until it succeeds, fails with a non-retryable error, or `policy.max_attempts` runs
-/// out, waiting a jittered, growing delay between attempts. `op` gets the attempt number (from
+/// Runs `op` until it succeeds, fails with anything but a conflict, or `policy.max_attempts`
+/// runs out, waiting a jittered, growing delay between attempts. `op` gets the attempt number (from
 /// 1) and must re-read whatever it depends on.
 ///
 /// ```no_run
@@ -95,23 +89,13 @@ impl Retryable for TransitionError {
 /// .await?;
 /// # Ok(()) }
 /// ```
-pub async fn retry<T, E, F, Fut>(policy: &RetryPolicy, mut op: F) -> Result<T, E>
+pub async fn retry<T, E, F, Fut>(policy: &RetryPolicy, op: F) -> Result<T, E>
 where
     E: Retryable,
     F: FnMut(u32) -> Fut,
     Fut: Future<Output = Result<T, E>>,
 {
-    let mut attempt = 1;
-    loop {
-        match op(attempt).await {
-            Ok(v) => return Ok(v),
-            Err(e) if e.is_retryable() && attempt < policy.max_attempts.max(1) => {
-                tokio::time::sleep(policy.delay(attempt)).await;
-                attempt += 1;
-            }
-            Err(e) => return Err(e),
-        }
-    }
+    retry_when(policy, op, |e: &E| e.is_conflict()).await.0
 }
 
 /// Reads the row, computes its changes with `change`, and compare-and-swaps them; on a conflict
@@ -146,16 +130,18 @@ where
     C: ConnectionTrait + TransactionTrait,
     F: FnMut(&E::Model) -> Changes<E>,
 {
-    let mut attempt = 1;
+    // The loop of `retry_when`, written out because `change` is borrowed mutably by each try.
+    let started = Instant::now();
+    let mut failures = 0u32;
     loop {
         // SAFETY(snapshot): a current read, so that inside a caller's transaction on MariaDB
         // a retry sees the version that beat it, not its snapshot's (and so can succeed).
         let current = find_current::<E, C>(db, id).await?;
         let changes = change(&current);
         match E::update_versioned(db, id, E::version_of(&current), changes).await {
-            Err(e) if e.is_retryable() && attempt < policy.max_attempts.max(1) => {
-                tokio::time::sleep(policy.delay(attempt)).await;
-                attempt += 1;
+            Err(e) if e.is_conflict() && policy.allows(failures + 1, started.elapsed()) => {
+                failures += 1;
+                tokio::time::sleep(policy.wait(failures, started.elapsed())).await;
             }
             result => return result,
         }
