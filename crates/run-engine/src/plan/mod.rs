@@ -18,6 +18,8 @@
 //! Every problem is reported with the file, the line and column, and the field it is about
 //! (`epics[0].stories[2].command`), all problems of a file at once.
 
+mod validate;
+
 use crate::error::EngineError;
 use entity::run;
 use run_domain::{NewEpic, NewRun, NewStory, create_epic, create_run, create_stories};
@@ -25,19 +27,9 @@ use sea_orm::{
     AccessMode, ConnectionTrait, DbBackend, SqliteTransactionMode, TransactionOptions,
     TransactionSession, TransactionTrait,
 };
-use serde::Deserialize;
-use std::collections::HashMap;
 use std::fmt;
-use std::ops::Range;
 use std::path::{Path, PathBuf};
-use toml::Spanned;
-
-/// The longest key the database holds (run key, epic key, story key).
-const MAX_KEY_LEN: usize = 255;
-/// The longest title the database holds.
-const MAX_TITLE_LEN: usize = 1024;
-/// The most attempts a story may ask for.
-const MAX_ATTEMPTS: i64 = 100;
+use validate::{RawPlan, problem_from_toml, validate};
 
 /// A validated plan: a run's name and title, its epics, and their stories, in file order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,33 +133,6 @@ impl fmt::Display for PlanProblem {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawPlan {
-    name: Spanned<String>,
-    title: Option<Spanned<String>>,
-    #[serde(default)]
-    epics: Vec<RawEpic>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawEpic {
-    key: Spanned<String>,
-    title: Option<Spanned<String>>,
-    #[serde(default)]
-    stories: Vec<RawStory>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawStory {
-    key: Spanned<String>,
-    title: Option<Spanned<String>>,
-    command: Option<Spanned<String>>,
-    max_attempts: Option<Spanned<i64>>,
-}
-
 impl Plan {
     /// Reads and validates the plan file at `path`.
     ///
@@ -221,306 +186,6 @@ impl Plan {
     pub fn story_count(&self) -> usize {
         self.epics.iter().map(|e| e.stories.len()).sum()
     }
-}
-
-/// The 1-based line and column of byte `offset` in `text`.
-fn line_column(text: &str, offset: usize) -> (usize, usize) {
-    let offset = offset.min(text.len());
-    let before = text.get(..offset).unwrap_or(text);
-    let line = before.matches('\n').count() + 1;
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    let column = before.get(line_start..).map_or(0, |s| s.chars().count()) + 1;
-    (line, column)
-}
-
-/// The byte offsets where the lines of a text start: line numbers of many offsets without
-/// scanning the text for each (a 10,000-story plan has 10,000 keys to place).
-struct LineStarts(Vec<usize>);
-
-impl LineStarts {
-    fn of(text: &str) -> LineStarts {
-        let starts = std::iter::once(0)
-            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
-            .collect();
-        LineStarts(starts)
-    }
-
-    /// The 1-based line of byte `offset`.
-    fn line(&self, offset: usize) -> usize {
-        self.0.partition_point(|&start| start <= offset).max(1)
-    }
-}
-
-fn at(text: &str, span: Range<usize>, field: String, message: String) -> PlanProblem {
-    let (line, column) = line_column(text, span.start);
-    PlanProblem {
-        line: Some(line),
-        column: Some(column),
-        field,
-        message,
-    }
-}
-
-fn problem_from_toml(text: &str, e: &toml::de::Error) -> PlanProblem {
-    // The key path is only rendered when the error carries no input; ask for it that way.
-    let mut bare = e.clone();
-    bare.set_input(None);
-    let rendered = bare.to_string();
-    let keys = rendered
-        .lines()
-        .find_map(|l| l.strip_prefix("in `").and_then(|l| l.strip_suffix('`')))
-        .map(str::to_owned);
-    let message = e.message().trim().to_owned();
-    // "missing field `command`" / "unknown field `comand`, expected ...": name that field.
-    let named = message
-        .split('`')
-        .nth(1)
-        .filter(|_| message.starts_with("missing field") || message.starts_with("unknown field"));
-    let field = match (keys, named) {
-        (Some(k), Some(n)) if !k.ends_with(n) => format!("{k}.{n}"),
-        (Some(k), _) => k,
-        (None, Some(n)) => n.to_owned(),
-        (None, None) => String::new(),
-    };
-    let (line, column) = match e.span() {
-        Some(span) => {
-            let (l, c) = line_column(text, span.start);
-            (Some(l), Some(c))
-        }
-        None => (None, None),
-    };
-    PlanProblem {
-        line,
-        column,
-        field,
-        message,
-    }
-}
-
-fn check_key(
-    text: &str,
-    key: &Spanned<String>,
-    field: &str,
-    what: &str,
-    problems: &mut Vec<PlanProblem>,
-) {
-    let value = key.get_ref();
-    if value.trim().is_empty() {
-        problems.push(at(
-            text,
-            key.span(),
-            field.to_owned(),
-            format!("the {what} is empty"),
-        ));
-    } else if value.len() > MAX_KEY_LEN {
-        problems.push(at(
-            text,
-            key.span(),
-            field.to_owned(),
-            format!("the {what} is longer than {MAX_KEY_LEN} bytes"),
-        ));
-    } else if let Some(c) = value.chars().find(|c| c.is_control()) {
-        // Keys name stories in log lines (`[epic/story] ...`) and in terminals.
-        problems.push(at(
-            text,
-            key.span(),
-            field.to_owned(),
-            format!(
-                "the {what} contains the control character {}",
-                describe_char(c)
-            ),
-        ));
-    }
-}
-
-/// `U+0000 (NUL)`-style name of a character.
-fn describe_char(c: char) -> String {
-    let code = u32::from(c);
-    match c {
-        '\0' => format!("U+{code:04X} (NUL)"),
-        '\t' => format!("U+{code:04X} (tab)"),
-        '\n' => format!("U+{code:04X} (line feed)"),
-        '\r' => format!("U+{code:04X} (carriage return)"),
-        _ => format!("U+{code:04X}"),
-    }
-}
-
-/// A NUL character cannot be stored in a PostgreSQL text column, nor passed to a command.
-fn check_no_nul(
-    text: &str,
-    value: &Spanned<String>,
-    field: String,
-    what: &str,
-    problems: &mut Vec<PlanProblem>,
-) -> bool {
-    if value.get_ref().contains('\0') {
-        problems.push(at(
-            text,
-            value.span(),
-            field,
-            format!("the {what} contains a NUL character (U+0000)"),
-        ));
-        false
-    } else {
-        true
-    }
-}
-
-fn title_of(
-    text: &str,
-    title: Option<Spanned<String>>,
-    default: &str,
-    field: String,
-    problems: &mut Vec<PlanProblem>,
-) -> String {
-    match title {
-        Some(t) if t.get_ref().len() > MAX_TITLE_LEN => {
-            problems.push(at(
-                text,
-                t.span(),
-                field,
-                format!("the title is longer than {MAX_TITLE_LEN} bytes"),
-            ));
-            String::new()
-        }
-        Some(t) if !check_no_nul(text, &t, field, "title", problems) => String::new(),
-        Some(t) if !t.get_ref().trim().is_empty() => t.into_inner(),
-        _ => default.to_owned(),
-    }
-}
-
-fn validate(text: &str, raw: RawPlan, problems: &mut Vec<PlanProblem>) -> Plan {
-    let lines = LineStarts::of(text);
-    check_key(text, &raw.name, "name", "plan name", problems);
-    let name = raw.name.get_ref().clone();
-    let title = title_of(text, raw.title, &name, "title".into(), problems);
-    if raw.epics.is_empty() {
-        problems.push(PlanProblem {
-            line: None,
-            column: None,
-            field: "epics".into(),
-            message: "the plan has no epics".into(),
-        });
-    }
-    let mut epic_lines: HashMap<String, usize> = HashMap::new();
-    let mut epics = Vec::with_capacity(raw.epics.len());
-    for (i, epic) in raw.epics.into_iter().enumerate() {
-        let field = format!("epics[{i}]");
-        let key_field = format!("{field}.key");
-        check_key(text, &epic.key, &key_field, "epic key", problems);
-        let key = epic.key.get_ref().clone();
-        let line = lines.line(epic.key.span().start);
-        if let Some(first) = epic_lines.get(&key) {
-            problems.push(at(
-                text,
-                epic.key.span(),
-                key_field,
-                format!("duplicate epic key {key:?} (first used on line {first})"),
-            ));
-        } else {
-            epic_lines.insert(key.clone(), line);
-        }
-        let title = title_of(text, epic.title, &key, format!("{field}.title"), problems);
-        if epic.stories.is_empty() {
-            problems.push(at(
-                text,
-                epic.key.span(),
-                format!("{field}.stories"),
-                format!("epic {key:?} has no stories"),
-            ));
-        }
-        let mut story_lines: HashMap<String, usize> = HashMap::new();
-        let mut stories = Vec::with_capacity(epic.stories.len());
-        for (j, story) in epic.stories.into_iter().enumerate() {
-            let sfield = format!("{field}.stories[{j}]");
-            let skey_field = format!("{sfield}.key");
-            check_key(text, &story.key, &skey_field, "story key", problems);
-            let skey = story.key.get_ref().clone();
-            let sline = lines.line(story.key.span().start);
-            if let Some(first) = story_lines.get(&skey) {
-                problems.push(at(
-                    text,
-                    story.key.span(),
-                    skey_field,
-                    format!(
-                        "duplicate story key {skey:?} in epic {key:?} (first used on line {first})"
-                    ),
-                ));
-            } else {
-                story_lines.insert(skey.clone(), sline);
-            }
-            let stitle = title_of(
-                text,
-                story.title,
-                &skey,
-                format!("{sfield}.title"),
-                problems,
-            );
-            let command = match story.command {
-                Some(c) if c.get_ref().trim().is_empty() => {
-                    problems.push(at(
-                        text,
-                        c.span(),
-                        format!("{sfield}.command"),
-                        format!("story {skey:?} in epic {key:?} has an empty command"),
-                    ));
-                    String::new()
-                }
-                Some(c)
-                    if !check_no_nul(
-                        text,
-                        &c,
-                        format!("{sfield}.command"),
-                        "command",
-                        problems,
-                    ) =>
-                {
-                    String::new()
-                }
-                Some(c) => c.into_inner(),
-                None => {
-                    problems.push(at(
-                        text,
-                        story.key.span(),
-                        format!("{sfield}.command"),
-                        format!("story {skey:?} in epic {key:?} has no command"),
-                    ));
-                    String::new()
-                }
-            };
-            let max_attempts = match story.max_attempts {
-                None => 1,
-                Some(m) if (1..=MAX_ATTEMPTS).contains(m.get_ref()) => {
-                    i32::try_from(*m.get_ref()).unwrap_or(1)
-                }
-                Some(m) => {
-                    problems.push(at(
-                        text,
-                        m.span(),
-                        format!("{sfield}.max_attempts"),
-                        format!(
-                            "max_attempts must be between 1 and {MAX_ATTEMPTS}, not {}",
-                            m.get_ref()
-                        ),
-                    ));
-                    1
-                }
-            };
-            stories.push(PlanStory {
-                key: skey,
-                title: stitle,
-                command,
-                max_attempts,
-            });
-        }
-        epics.push(PlanEpic {
-            key,
-            title,
-            stories,
-        });
-    }
-    problems.sort_by_key(|p| (p.line.unwrap_or(0), p.column.unwrap_or(0)));
-    Plan { name, title, epics }
 }
 
 /// Creates the run of `plan` with its epics and stories (all pending, version 1), all or
@@ -586,6 +251,7 @@ where
 
 #[cfg(test)]
 mod tests {
+    use super::validate::{LineStarts, line_column};
     use super::*;
 
     fn problems(text: &str) -> Vec<String> {

@@ -1,25 +1,10 @@
-//! The run log: atomic, ordered, append-only lines per run.
-//!
-//! Each line is a row of `run_log`; an append is one short transaction whatever the size of the
-//! log already there. Lines are numbered per run by `seq`, gap-free and in commit order:
-//!
-//! 1. the appender bumps `run_log_head.last_seq` by the batch's length, which row-locks the
-//!    run's head until commit, and takes the numbers it freed;
-//! 2. it inserts the batch's lines with those numbers and one timestamp;
-//! 3. it commits, releasing the head for the next appender.
-//!
-//! Since the next appender cannot take numbers before the previous one commits, a follower that
-//! has seen line `n` has seen every line before it, and reading `seq > cursor` never skips a line
-//! that commits later. (A plain auto-increment id would not do: PostgreSQL hands sequence values
-//! out before commit, so rows commit out of id order.) The run row itself is never touched, so
-//! an append never changes the run's version nor fails anyone's compare-and-swap on it.
-//!
-//! Messages are stored as bytes: NUL, control characters and any other byte of a `&str` read back
-//! exactly on every backend (PostgreSQL's `text` would reject NUL).
+//! Appending: one short transaction per batch (one statement on PostgreSQL), numbered under the
+//! run's head lock, written once per batch id and checked against its digest on a replay.
 
+use super::AppendReceipt;
 use crate::error::LogError;
 use crate::retry::{RetryPolicy, Retryable, retry_when};
-use chrono::{DateTime, SecondsFormat, SubsecRound, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use entity::{run, run_log, run_log_head};
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Query};
 use sea_orm::{
@@ -30,92 +15,6 @@ use sea_orm::{
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::time::Duration;
 use uuid::Uuid;
-
-/// One line of a run's log.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LogEntry {
-    /// Position in the run's log, from 1, gap-free.
-    pub seq: i64,
-    /// The batch it was appended in.
-    pub batch_id: Uuid,
-    /// Its index within the batch, from 0.
-    pub line_no: i32,
-    /// The batch's timestamp.
-    pub logged_at: DateTime<Utc>,
-    /// The message, exactly as appended.
-    pub message: String,
-}
-
-impl LogEntry {
-    /// The line as text: `[<ISO-8601 UTC with ms>] <message>`.
-    ///
-    /// ```
-    /// use run_domain::LogEntry;
-    /// let e = LogEntry {
-    ///     seq: 1,
-    ///     batch_id: uuid::Uuid::nil(),
-    ///     line_no: 0,
-    ///     logged_at: "2026-11-28T12:00:00.5Z".parse().unwrap(),
-    ///     message: "hello".into(),
-    /// };
-    /// assert_eq!(e.to_line(), "[2026-11-28T12:00:00.500Z] hello");
-    /// ```
-    pub fn to_line(&self) -> String {
-        format!(
-            "[{}] {}",
-            self.logged_at.to_rfc3339_opts(SecondsFormat::Millis, true),
-            self.message
-        )
-    }
-
-    fn from_model(m: run_log::Model) -> Self {
-        LogEntry {
-            seq: m.seq,
-            batch_id: m.batch_id,
-            line_no: m.line_no,
-            logged_at: m.logged_at,
-            // Only `&str` is ever stored, so this is valid UTF-8 unless something else wrote
-            // the row; then show the bytes rather than fail the whole read.
-            message: match String::from_utf8(m.message) {
-                Ok(s) => s,
-                Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
-            },
-        }
-    }
-}
-
-/// Where a follower is in a run's log: the `seq` of the last line it has seen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct LogCursor(pub i64);
-
-impl LogCursor {
-    /// Before the first line.
-    pub const START: LogCursor = LogCursor(0);
-}
-
-/// What an append wrote.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AppendReceipt {
-    /// The batch's id.
-    pub batch_id: Uuid,
-    /// The `seq` of its first line (0 for an empty batch).
-    pub first_seq: i64,
-    /// The `seq` of its last line (0 for an empty batch).
-    pub last_seq: i64,
-    /// The batch's timestamp.
-    pub logged_at: DateTime<Utc>,
-    /// False when the batch id had already been appended and nothing was written again.
-    pub written: bool,
-}
-
-/// A page of lines after a cursor.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LogPage {
-    /// The lines, in order.
-    pub entries: Vec<LogEntry>,
-    /// The cursor to ask from next time (unchanged when `entries` is empty).
-    pub next: LogCursor,
-}
 
 /// Appends one line to a run's log.
 ///
@@ -251,7 +150,7 @@ impl<S: AsRef<str>> LogBatch<S> {
 
 /// `fresh_id`: the batch id was just drawn at random, so its first try need not look for an
 /// earlier one (saving a round trip while the head is locked); retries always look.
-async fn append_batch<C, I, S>(
+pub(super) async fn append_batch<C, I, S>(
     db: &C,
     run_id: Uuid,
     batch_id: Uuid,
@@ -281,7 +180,7 @@ where
     result
 }
 
-async fn append_once<C, S>(
+pub(super) async fn append_once<C, S>(
     db: &C,
     run_id: Uuid,
     batch_id: Uuid,
@@ -414,14 +313,14 @@ where
 }
 
 /// The largest batch (in message bytes) sent as one statement on PostgreSQL.
-const FAST_PATH_MAX_BYTES: usize = 4 << 20;
+pub(super) const FAST_PATH_MAX_BYTES: usize = 4 << 20;
 
 /// PostgreSQL: the whole append in one autocommit statement, so the head's row lock is held for
 /// one round trip and the commit instead of four. The UPDATE in the CTE takes the lock and hands
 /// out the numbers; `clock_timestamp()` is read there, after the lock, so timestamps follow
 /// `seq`. Returns `None` when the run has no head row (then the general path decides between
 /// creating one and `RunNotFound`).
-async fn append_in_one_statement<C, S>(
+pub(super) async fn append_in_one_statement<C, S>(
     db: &C,
     run_id: Uuid,
     batch_id: Uuid,
@@ -479,7 +378,7 @@ where
 
 /// The SHA-256 of a batch: its line count, then each line's length and bytes, so that batches
 /// that differ in any line, in where lines split, or in their number never share a digest.
-fn batch_digest<S: AsRef<str>>(messages: &[S]) -> [u8; 32] {
+pub(super) fn batch_digest<S: AsRef<str>>(messages: &[S]) -> [u8; 32] {
     use sha2::{Digest, Sha256};
     let mut hasher = Sha256::new();
     hasher.update((messages.len() as u64).to_le_bytes());
@@ -493,7 +392,7 @@ fn batch_digest<S: AsRef<str>>(messages: &[S]) -> [u8; 32] {
 
 /// Whether the lines stored under `batch_id` are exactly `messages` (for batches written before
 /// batches carried a digest).
-async fn same_lines<C: ConnectionTrait, S: AsRef<str>>(
+pub(super) async fn same_lines<C: ConnectionTrait, S: AsRef<str>>(
     tx: &C,
     batch_id: Uuid,
     messages: &[S],
@@ -514,7 +413,7 @@ async fn same_lines<C: ConnectionTrait, S: AsRef<str>>(
 }
 
 /// Bumps the run's head by `n` and returns the new last seq, or `None` when it has no head row.
-async fn reserve<C: ConnectionTrait>(
+pub(super) async fn reserve<C: ConnectionTrait>(
     tx: &C,
     run_id: Uuid,
     n: i64,
@@ -541,7 +440,7 @@ async fn reserve<C: ConnectionTrait>(
 
 /// Creates the run's head row if the run exists and has none (runs made before the log or by
 /// other tools). Inserts nothing when the run does not exist.
-async fn ensure_head<C: ConnectionTrait>(tx: &C, run_id: Uuid) -> Result<(), LogError> {
+pub(super) async fn ensure_head<C: ConnectionTrait>(tx: &C, run_id: Uuid) -> Result<(), LogError> {
     let mut select = Query::select();
     select
         .expr(Expr::val(run_id))
@@ -561,96 +460,4 @@ async fn ensure_head<C: ConnectionTrait>(tx: &C, run_id: Uuid) -> Result<(), Log
         );
     tx.execute(&insert).await?;
     Ok(())
-}
-
-/// Reads up to `limit` lines after `cursor`, in order, for a follower.
-///
-/// A follower that polls with the returned `next` cursor sees every line exactly once, even
-/// while writers append (see the module docs).
-///
-/// ```no_run
-/// use run_domain::{LogCursor, read_run_log_after};
-/// # async fn demo(db: &sea_orm::DatabaseConnection, run_id: uuid::Uuid) -> Result<(), run_domain::LogError> {
-/// let mut cursor = LogCursor::START;
-/// loop {
-///     let page = read_run_log_after(db, run_id, cursor, 1000).await?;
-///     for entry in &page.entries {
-///         println!("{}", entry.to_line());
-///     }
-///     if page.entries.is_empty() { break; }
-///     cursor = page.next;
-/// }
-/// # Ok(()) }
-/// ```
-pub async fn read_run_log_after<C: ConnectionTrait>(
-    db: &C,
-    run_id: Uuid,
-    cursor: LogCursor,
-    limit: u64,
-) -> Result<LogPage, LogError> {
-    let rows = run_log::Entity::find()
-        .filter(run_log::Column::RunId.eq(run_id))
-        .filter(run_log::Column::Seq.gt(cursor.0))
-        .order_by_asc(run_log::Column::Seq)
-        .limit(limit)
-        .all(db)
-        .await?;
-    if rows.is_empty() && !run_exists(db, run_id).await? {
-        return Err(LogError::RunNotFound { run_id });
-    }
-    let entries: Vec<LogEntry> = rows.into_iter().map(LogEntry::from_model).collect();
-    let next = entries.last().map_or(cursor, |e| LogCursor(e.seq));
-    Ok(LogPage { entries, next })
-}
-
-/// Writes the whole log of a run, one `[<timestamp>] <message>` line each, to `out`, reading
-/// it in pages so that memory stays bounded whatever the log's size. Returns the lines written.
-pub async fn write_run_log<C, W>(db: &C, run_id: Uuid, out: &mut W) -> Result<u64, LogError>
-where
-    C: ConnectionTrait,
-    W: std::io::Write,
-{
-    const PAGE: u64 = 1000;
-    let mut cursor = LogCursor::START;
-    let mut count = 0u64;
-    loop {
-        let page = read_run_log_after(db, run_id, cursor, PAGE).await?;
-        for entry in &page.entries {
-            writeln!(out, "{}", entry.to_line()).map_err(|e| {
-                LogError::Database(sea_orm::DbErr::Custom(format!("writing the log: {e}")))
-            })?;
-            count += 1;
-        }
-        if (page.entries.len() as u64) < PAGE {
-            return Ok(count);
-        }
-        cursor = page.next;
-    }
-}
-
-/// The whole log of a run as text, one `[<ISO-8601 UTC with ms>] <message>` line per message.
-///
-/// ```no_run
-/// # async fn demo(db: &sea_orm::DatabaseConnection, run_id: uuid::Uuid) -> Result<(), run_domain::LogError> {
-/// let text = run_domain::read_run_log(db, run_id).await?;
-/// print!("{text}");
-/// # Ok(()) }
-/// ```
-pub async fn read_run_log<C: ConnectionTrait>(db: &C, run_id: Uuid) -> Result<String, LogError> {
-    let mut buf = Vec::new();
-    write_run_log(db, run_id, &mut buf).await?;
-    // Every line was built from Strings.
-    Ok(String::from_utf8(buf)
-        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
-}
-
-async fn run_exists<C: ConnectionTrait>(db: &C, run_id: Uuid) -> Result<bool, LogError> {
-    Ok(run::Entity::find()
-        .select_only()
-        .column(run::Column::Id)
-        .filter(run::Column::Id.eq(run_id))
-        .into_tuple::<Uuid>()
-        .one(db)
-        .await?
-        .is_some())
 }
