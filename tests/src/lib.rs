@@ -13,11 +13,14 @@
 //!
 //! - [`scratch_db`]: a database created under a fresh name and dropped after, for tests and
 //!   benchmarks alike.
+//! - [`run_factory`]: [`RunFactory`], the one way to make a run of epics and stories.
 //! - [`private_server`]: a PostgreSQL or MariaDB server of a test's own, to kill and restart.
 
 pub mod private_server;
+pub mod run_factory;
 pub mod scratch_db;
 
+pub use run_factory::{CreatedRun, RunFactory};
 pub use scratch_db::{ScratchDb, ScratchError};
 
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend};
@@ -176,47 +179,17 @@ macro_rules! each_backend {
 }
 
 /// Creates a run with one epic holding one pending story (command `true`, 3 attempts) and
-/// returns the story.
+/// returns the story: `RunFactory::new().command("true").max_attempts(3)`.
 pub async fn new_story(db: &DatabaseConnection) -> entity::run_story::Model {
-    use run_domain::{NewEpic, NewRun, NewStory, VersionedUpdate};
-    let run = run_domain::create_run(
-        db,
-        NewRun {
-            key: "k".into(),
-            title: "t".into(),
-        },
-    )
-    .await
-    .expect("create run");
-    let epic = run_domain::create_epic(
-        db,
-        run.id,
-        NewEpic {
-            key: "e".into(),
-            title: "e".into(),
-            position: 0,
-        },
-    )
-    .await
-    .expect("create epic");
-    let ids = run_domain::create_stories(
-        db,
-        &epic,
-        vec![NewStory {
-            key: "s".into(),
-            title: "s".into(),
-            position: 0,
-            command: Some("true".into()),
-            max_attempts: 3,
-        }],
-    )
-    .await
-    .expect("create story");
-    entity::run_story::Model::clone(
-        &entity::run_story::Entity::find_versioned(db, ids[0])
-            .await
-            .expect("read story"),
-    )
+    use run_domain::VersionedUpdate;
+    let run = RunFactory::new()
+        .command("true")
+        .max_attempts(3)
+        .create(db)
+        .await;
+    entity::run_story::Entity::find_versioned(db, run.stories[0])
+        .await
+        .expect("read story")
 }
 
 impl TestDb {
@@ -244,4 +217,26 @@ pub async fn count_rows(db: &DatabaseConnection, table: &str) -> i64 {
         .unwrap_or_else(|e| panic!("table {table} must still exist: {e}"))
         .expect("a row");
     row.try_get::<i64>("", "n").expect("count")
+}
+
+/// Every table of the schema, migrations' bookkeeping included.
+pub const TABLES: [&str; 6] = [
+    "run",
+    "run_epic",
+    "run_story",
+    "run_log_head",
+    "run_log",
+    "seaql_migrations",
+];
+
+/// `(table, rows)` of every table in [`TABLES`], in that order.
+///
+/// # Panics
+/// When a table is gone (see [`count_rows`]).
+pub async fn table_counts(db: &DatabaseConnection) -> Vec<(&'static str, i64)> {
+    let mut out = Vec::with_capacity(TABLES.len());
+    for table in TABLES {
+        out.push((table, count_rows(db, table).await));
+    }
+    out
 }

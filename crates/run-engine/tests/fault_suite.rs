@@ -30,8 +30,7 @@ use async_trait::async_trait;
 use common::cli;
 use entity::{run, run_epic, run_story};
 use run_domain::{
-    ConcurrencyError, LogCursor, LogEntry, NewEpic, NewRun, NewStory, TransitionError,
-    VersionedUpdate, create_epic, create_run, create_stories, read_run_log_after,
+    ConcurrencyError, LogCursor, LogEntry, TransitionError, VersionedUpdate, read_run_log_after,
 };
 use run_engine::{
     EngineError, Executor, ExecutorConfig, ExecutorEvent, Lease, LogSink, Release, Shutdown,
@@ -40,7 +39,7 @@ use run_engine::{
     still_held, try_claim,
 };
 use run_engine_tests::private_server::{PrivateServer, database_name, kill_connections};
-use run_engine_tests::{Backend, TestDb, each_backend};
+use run_engine_tests::{Backend, RunFactory, TestDb, each_backend, table_counts};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder,
     Statement,
@@ -251,42 +250,13 @@ impl FaultedRun {
 
 /// A run of `STORIES` stories in `EPICS` epics, keys unique across the run.
 async fn create_suite_run(db: &DatabaseConnection, key: &str) -> Uuid {
-    let run = create_run(
-        db,
-        NewRun {
-            key: key.into(),
-            title: "fault suite".into(),
-        },
-    )
-    .await
-    .expect("create run");
-    let per_epic = STORIES / EPICS;
-    for e in 0..EPICS {
-        let epic = create_epic(
-            db,
-            run.id,
-            NewEpic {
-                key: format!("e{e}"),
-                title: format!("epic {e}"),
-                position: i32::try_from(e).expect("small"),
-            },
-        )
+    RunFactory::new()
+        .key(key)
+        .epics(EPICS)
+        .stories(STORIES / EPICS)
+        .create(db)
         .await
-        .expect("create epic");
-        let stories = (0..per_epic)
-            .map(|s| NewStory {
-                key: format!("s{:03}", e * per_epic + s),
-                title: format!("story {s}"),
-                position: i32::try_from(s).expect("small"),
-                command: None,
-                max_attempts: 1,
-            })
-            .collect();
-        create_stories(db, &epic, stories)
-            .await
-            .expect("create stories");
-    }
-    run.id
+        .id()
 }
 
 /// Leases of 20 s renewed every 250 ms (several times per story, so renewals meet the faults
@@ -561,23 +531,6 @@ async fn snapshot(
     )
 }
 
-const TABLES: &[&str] = &[
-    "run",
-    "run_epic",
-    "run_story",
-    "run_log_head",
-    "run_log",
-    "seaql_migrations",
-];
-
-async fn table_counts(db: &DatabaseConnection) -> Vec<i64> {
-    let mut out = Vec::new();
-    for table in TABLES {
-        out.push(run_engine_tests::count_rows(db, table).await);
-    }
-    out
-}
-
 const INJECTIONS: &[&str] = &[
     "'; DROP TABLE run; --",
     "\" OR 1=1 --",
@@ -740,16 +693,12 @@ async fn ten_thousand_stories(
     dir: &Path,
     inputs: &mut Inputs,
 ) -> f64 {
-    let mut text = String::from("name = \"big\"\n");
-    for e in 0..10 {
-        let _ = write!(text, "\n[[epics]]\nkey = \"e{e}\"\n");
-        for s in 0..1000 {
-            let _ = write!(
-                text,
-                "[[epics.stories]]\nkey = \"s{s:04}\"\ncommand = \"true\"\n"
-            );
-        }
-    }
+    let text = RunFactory::new()
+        .key("big")
+        .epics(10)
+        .stories(1000)
+        .command("true")
+        .plan_toml();
     let path = write(dir, "ten-thousand.toml", text);
     let started = Instant::now();
     let (status, stdout, stderr) = cli(&t.url, &["create", path.to_str().expect("utf-8")]);
@@ -999,15 +948,12 @@ async fn engine_api_bad_input(t: &TestDb, run_id: Uuid, inputs: &mut Inputs) {
 /// NUL bytes, control characters and a one-mebibyte line through a story's log sink, on a run
 /// of its own: read back exactly.
 async fn odd_lines_through_the_sink(db: &DatabaseConnection, inputs: &mut Inputs) {
-    let run = create_run(
-        db,
-        NewRun {
-            key: "odd-lines".into(),
-            title: "odd lines".into(),
-        },
-    )
-    .await
-    .expect("run");
+    let run = RunFactory::new()
+        .key("odd-lines")
+        .epics(0)
+        .create(db)
+        .await
+        .run;
     let big = "y".repeat(1 << 20);
     let odd = [
         "nul \0 in the middle\0",
