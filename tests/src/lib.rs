@@ -9,7 +9,8 @@
 //! one database per test. A named server that cannot be reached fails the test with a message
 //! naming it. When `CI` is set, an unnamed server fails too: CI never passes by skipping.
 //!
-//! Use [`each_backend!`] to write one test body that runs on all three.
+//! Use [`each_backend!`] to write one test body that runs on all three. A backend left
+//! untested is named on standard error past the test harness's capture, once per test.
 //!
 //! - [`scratch_db`]: a database created under a fresh name and dropped after, for tests and
 //!   benchmarks alike.
@@ -24,6 +25,8 @@ pub use run_factory::{CreatedRun, RunFactory};
 pub use scratch_db::{ScratchDb, ScratchError};
 
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend};
+use std::io::Write as _;
+use std::sync::{Mutex, PoisonError};
 
 /// A database backend under test.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,6 +49,15 @@ impl Backend {
         }
     }
 
+    /// The backend's name, for people.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "SQLite",
+            Backend::Postgres => "PostgreSQL",
+            Backend::MySql => "MariaDB",
+        }
+    }
+
     /// The server URL from the environment; `None` means "skip" (only outside CI).
     ///
     /// # Panics
@@ -58,10 +70,31 @@ impl Backend {
                 panic!("{var} is not set, but CI must test {self:?}: set it to the server's URL")
             }
             _ => {
-                eprintln!("skipping {self:?}: {var} is not set");
+                self.report_untested(var);
                 None
             }
         }
+    }
+
+    /// Says on standard error that the running test leaves this backend untested, once per
+    /// test. libtest captures what the test thread prints with `print!` and `eprint!` (and
+    /// shows it only for failures), but not writes to the stderr handle itself: the user sees
+    /// which backends were not tested, though each such test reports "ok".
+    fn report_untested(self, var: &str) {
+        static TOLD: Mutex<Vec<(String, Backend)>> = Mutex::new(Vec::new());
+        // libtest runs each test on a thread named after it.
+        let test = std::thread::current().name().unwrap_or("a test").to_owned();
+        let mut told = TOLD.lock().unwrap_or_else(PoisonError::into_inner);
+        if told.iter().any(|(t, b)| *t == test && *b == self) {
+            return;
+        }
+        let line = format!(
+            "note: {test} did not run on {}: {var} is not set\n",
+            self.name()
+        );
+        told.push((test, self));
+        // One write, so that the line is not cut by the harness's own output.
+        let _ = std::io::stderr().write_all(line.as_bytes());
     }
 }
 

@@ -19,10 +19,11 @@
 //! Besides, on every backend: a write whose reply was lost (a claim, a renewal, a release) is
 //! told apart from another worker's take-over.
 //!
-//! Each backend's fault test ends by printing a table (faults injected, faults survived, inputs tried,
-//! lines lost, stories completed twice) and writing it to `target/fault-suite-<backend>.md`.
-//! A backend whose server variable (`RUN_ENGINE_TEST_POSTGRES_URL`, `RUN_ENGINE_TEST_MYSQL_URL`)
-//! is unset is skipped outside CI and fails in CI, as everywhere in the workspace.
+//! Each backend's fault test ends by printing a table (faults injected, faults survived, inputs
+//! tried, lines lost, stories completed twice) and writing it to
+//! `target/fault-suite-<backend>.md`. A backend whose server variable
+//! (`RUN_ENGINE_TEST_POSTGRES_URL`, `RUN_ENGINE_TEST_MYSQL_URL`) is unset is skipped outside CI,
+//! with a note on standard error, and fails in CI, as everywhere in the workspace.
 
 mod common;
 
