@@ -1,4 +1,4 @@
-//! Scenario 4: append throughput with 1, 8 and 32 concurrent writers, into one run and into a
+//! Append throughput with 1, 8 and 32 concurrent writers, into one run and into a
 //! run per writer.
 //!
 //! Ours is [`run_domain::append_run_log`], each writer on its own connection as separate

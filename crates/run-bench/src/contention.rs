@@ -1,4 +1,4 @@
-//! Scenario 3: updating rows under contention, three ways, with 1, 8 and 32 writers on one row
+//! Updating rows under contention, three ways, with 1, 8 and 32 writers on one row
 //! and spread over 64 rows.
 //!
 //! Every successful operation reads a run and writes its title (and version):

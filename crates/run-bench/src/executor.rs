@@ -1,4 +1,4 @@
-//! Scenario 5: executor throughput on PostgreSQL, against a `FOR UPDATE SKIP LOCKED` claim loop.
+//! Executor throughput on PostgreSQL, against a `FOR UPDATE SKIP LOCKED` claim loop.
 //!
 //! **Ours**: `run_engine::Executor` with an in-process no-op handler, 1, 4 and 16 workers, on a
 //! run of no-op stories: every story is claimed with a lease by compare-and-swap, its lease is

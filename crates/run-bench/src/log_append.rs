@@ -1,4 +1,4 @@
-//! Scenario 1: the cost of one append against the size of the log already there.
+//! The cost of one append against the size of the log already there.
 //!
 //! Ours is [`run_domain::append_run_log`]: one ~100-byte line per call, one client. The baseline
 //! is the naive design the run log replaced: a text column grown in place,

@@ -1,4 +1,4 @@
-//! Scenario 6: peak memory of reading a large log, streamed vs built as one `String`; of the
+//! Peak memory of reading a large log, streamed vs built as one `String`; of the
 //! `run-engine logs --follow` command on the same log; and of an executor running a large run.
 //!
 //! [`run_domain::write_run_log`] pages through the log into a writer (here a sink that only

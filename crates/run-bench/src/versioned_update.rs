@@ -1,4 +1,4 @@
-//! Scenario 2: what `update_versioned` costs over the same statement written by hand.
+//! What `update_versioned` costs over the same statement written by hand.
 //!
 //! One row, one client, sequential updates of the run's title. Ours is
 //! [`VersionedUpdate::update_versioned`]; the baseline sends
