@@ -209,3 +209,66 @@ fn with_database(url: &str, name: &str) -> Result<String, ScratchError> {
     u.set_path(&format!("/{name}"));
     Ok(u.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Backend;
+
+    /// Whether the database of `url` can still be opened (SQLite: whether its file exists).
+    async fn exists(url: &str) -> bool {
+        match url.strip_prefix("sqlite://") {
+            Some(rest) => Path::new(rest.split('?').next().unwrap_or(rest)).exists(),
+            None => run_domain::connect(url).await.is_ok(),
+        }
+    }
+
+    /// A scratch database of `backend` (`None` when its server is not named), connected to once
+    /// so that it exists.
+    async fn created(backend: Backend) -> Option<ScratchDb> {
+        let scratch = match backend {
+            Backend::Sqlite => ScratchDb::sqlite("re_test"),
+            _ => ScratchDb::on_server(&backend.server_url()?, "re_test")
+                .await
+                .expect("create"),
+        };
+        let db = run_domain::connect(scratch.url()).await.expect("connect");
+        db.execute_unprepared("CREATE TABLE t (x INTEGER)")
+            .await
+            .expect("use it");
+        db.close().await.expect("close");
+        assert!(exists(scratch.url()).await);
+        Some(scratch)
+    }
+
+    async fn removed_and_dropped_databases_are_gone(backend: Backend) {
+        let Some(scratch) = created(backend).await else {
+            return;
+        };
+        let url = scratch.url().to_owned();
+        scratch.remove().await.expect("remove");
+        assert!(!exists(&url).await, "{backend:?}: removed, yet still there");
+
+        let Some(scratch) = created(backend).await else {
+            return;
+        };
+        let url = scratch.url().to_owned();
+        drop(scratch);
+        assert!(!exists(&url).await, "{backend:?}: dropped, yet still there");
+    }
+
+    #[tokio::test]
+    async fn removed_and_dropped_sqlite_files_are_gone() {
+        removed_and_dropped_databases_are_gone(Backend::Sqlite).await;
+    }
+
+    #[tokio::test]
+    async fn removed_and_dropped_postgres_databases_are_gone() {
+        removed_and_dropped_databases_are_gone(Backend::Postgres).await;
+    }
+
+    #[tokio::test]
+    async fn removed_and_dropped_mariadb_databases_are_gone() {
+        removed_and_dropped_databases_are_gone(Backend::MySql).await;
+    }
+}
