@@ -9,12 +9,24 @@
 //! one database per test. A named server that cannot be reached fails the test with a message
 //! naming it. When `CI` is set, an unnamed server fails too: CI never passes by skipping.
 //!
-//! Use [`each_backend!`] to write one test body that runs on all three.
+//! Use [`each_backend!`] to write one test body that runs on all three. A backend left
+//! untested is named on standard error past the test harness's capture, once per test.
+//!
+//! - [`scratch_db`]: a database created under a fresh name and dropped after, for tests and
+//!   benchmarks alike.
+//! - [`run_factory`]: [`RunFactory`], the one way to make a run of epics and stories.
+//! - [`private_server`]: a PostgreSQL or MariaDB server of a test's own, to kill and restart.
 
 pub mod private_server;
+pub mod run_factory;
+pub mod scratch_db;
+
+pub use run_factory::{CreatedRun, RunFactory};
+pub use scratch_db::{ScratchDb, ScratchError};
 
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend};
-use std::time::Duration;
+use std::io::Write as _;
+use std::sync::{Mutex, PoisonError};
 
 /// A database backend under test.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,6 +49,15 @@ impl Backend {
         }
     }
 
+    /// The backend's name, for people.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "SQLite",
+            Backend::Postgres => "PostgreSQL",
+            Backend::MySql => "MariaDB",
+        }
+    }
+
     /// The server URL from the environment; `None` means "skip" (only outside CI).
     ///
     /// # Panics
@@ -49,10 +70,31 @@ impl Backend {
                 panic!("{var} is not set, but CI must test {self:?}: set it to the server's URL")
             }
             _ => {
-                eprintln!("skipping {self:?}: {var} is not set");
+                self.report_untested(var);
                 None
             }
         }
+    }
+
+    /// Says on standard error that the running test leaves this backend untested, once per
+    /// test. libtest captures what the test thread prints with `print!` and `eprint!` (and
+    /// shows it only for failures), but not writes to the stderr handle itself: the user sees
+    /// which backends were not tested, though each such test reports "ok".
+    fn report_untested(self, var: &str) {
+        static TOLD: Mutex<Vec<(String, Backend)>> = Mutex::new(Vec::new());
+        // libtest runs each test on a thread named after it.
+        let test = std::thread::current().name().unwrap_or("a test").to_owned();
+        let mut told = TOLD.lock().unwrap_or_else(PoisonError::into_inner);
+        if told.iter().any(|(t, b)| *t == test && *b == self) {
+            return;
+        }
+        let line = format!(
+            "note: {test} did not run on {}: {var} is not set\n",
+            self.name()
+        );
+        told.push((test, self));
+        // One write, so that the line is not cut by the harness's own output.
+        let _ = std::io::stderr().write_all(line.as_bytes());
     }
 }
 
@@ -64,12 +106,8 @@ pub struct TestDb {
     pub url: String,
     /// Which backend this is.
     pub backend: Backend,
-    cleanup: Cleanup,
-}
-
-enum Cleanup {
-    File(std::path::PathBuf),
-    Server { admin_url: String, name: String },
+    // Held for its drop, which drops the database; last, so that the pool above goes first.
+    _scratch: ScratchDb,
 }
 
 impl TestDb {
@@ -79,47 +117,36 @@ impl TestDb {
     /// When the backend is named but cannot be reached, naming it.
     pub async fn empty(backend: Backend) -> Option<TestDb> {
         match backend {
-            Backend::Sqlite => {
-                let name = format!("re_test_{}", uuid::Uuid::new_v4().simple());
-                let path = std::env::temp_dir().join(format!("{name}.db"));
-                let url = format!("sqlite://{}?mode=rwc", path.display());
-                Some(Self::open(backend, url, Cleanup::File(path)).await)
-            }
+            Backend::Sqlite => Some(Self::open(backend, ScratchDb::sqlite(PREFIX)).await),
             Backend::Postgres | Backend::MySql => {
                 let admin_url = backend.server_url()?;
-                Some(Self::on_server(backend, admin_url).await)
+                Some(Self::on_server(backend, &admin_url).await)
             }
         }
     }
 
     /// A fresh empty database created on the server of `admin_url`.
-    async fn on_server(backend: Backend, admin_url: String) -> TestDb {
-        let name = format!("re_test_{}", uuid::Uuid::new_v4().simple());
-        let admin = admin_connect(backend, &admin_url).await;
-        let create = match backend {
-            Backend::Postgres => format!("CREATE DATABASE \"{name}\""),
-            _ => format!("CREATE DATABASE `{name}`"),
+    async fn on_server(backend: Backend, admin_url: &str) -> TestDb {
+        let scratch = match ScratchDb::on_server(admin_url, PREFIX).await {
+            Ok(scratch) => scratch,
+            Err(ScratchError::Unreachable { url, source }) => panic!(
+                "{backend:?} server named by {} is unreachable at {url}: {source}",
+                backend.env_var().unwrap_or("?"),
+            ),
+            Err(e) => panic!("{backend:?}: cannot create a test database: {e}"),
         };
-        admin.execute_unprepared(&create).await.unwrap_or_else(|e| {
-            panic!(
-                "{backend:?} at {}: cannot create a test database: {e}",
-                run_domain::redact_url(&admin_url)
-            )
-        });
-        admin.close().await.ok();
-        let url = with_database(&admin_url, &name);
-        Self::open(backend, url, Cleanup::Server { admin_url, name }).await
+        Self::open(backend, scratch).await
     }
 
-    async fn open(backend: Backend, url: String, cleanup: Cleanup) -> TestDb {
-        let db = run_domain::connect(&url)
+    async fn open(backend: Backend, scratch: ScratchDb) -> TestDb {
+        let db = run_domain::connect(scratch.url())
             .await
             .unwrap_or_else(|e| panic!("{backend:?}: cannot open the test database: {e}"));
         TestDb {
             db,
-            url,
+            url: scratch.url().to_owned(),
             backend,
-            cleanup,
+            _scratch: scratch,
         }
     }
 
@@ -145,73 +172,8 @@ impl TestDb {
     }
 }
 
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        match &self.cleanup {
-            Cleanup::File(path) => {
-                for suffix in ["", "-wal", "-shm"] {
-                    let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-                }
-            }
-            Cleanup::Server { admin_url, name } => {
-                let (backend, admin_url, name) = (self.backend, admin_url.clone(), name.clone());
-                // Drop runs outside any async context we may block, so use a thread with its
-                // own runtime. Best effort: a failure leaves a stray database, never a failure.
-                let _ = std::thread::spawn(move || {
-                    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                    else {
-                        return;
-                    };
-                    rt.block_on(async move {
-                        let Ok(admin) = run_domain::connect(&admin_url).await else {
-                            return;
-                        };
-                        let sql = match backend {
-                            Backend::Postgres => {
-                                format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")
-                            }
-                            _ => format!("DROP DATABASE IF EXISTS `{name}`"),
-                        };
-                        let _ = admin.execute_unprepared(&sql).await;
-                        let _ = admin.close().await;
-                    });
-                })
-                .join();
-            }
-        }
-    }
-}
-
-async fn admin_connect(backend: Backend, url: &str) -> DatabaseConnection {
-    let mut last = None;
-    // A server under load may refuse a connection for a moment; a missing one refuses forever.
-    for _ in 0..3 {
-        match run_domain::connect(url).await {
-            Ok(db) => return db,
-            Err(e) => last = Some(e),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!(
-        "{backend:?} server named by {} is unreachable at {}: {}",
-        backend.env_var().unwrap_or("?"),
-        run_domain::redact_url(url),
-        last.map(|e| e.to_string()).unwrap_or_default()
-    )
-}
-
-/// `url` with its database (path) replaced by `name`.
-pub fn with_database(url: &str, name: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) => {
-            u.set_path(&format!("/{name}"));
-            u.to_string()
-        }
-        Err(e) => panic!("invalid server URL {}: {e}", run_domain::redact_url(url)),
-    }
-}
+/// What the names of test databases start with, so that a stray one is recognised.
+const PREFIX: &str = "re_test";
 
 /// Writes one test that runs on SQLite, PostgreSQL and MariaDB, each in a fresh migrated
 /// database: `each_backend!(async fn name(t) { ... })` makes a module `name` with the tests
@@ -250,53 +212,23 @@ macro_rules! each_backend {
 }
 
 /// Creates a run with one epic holding one pending story (command `true`, 3 attempts) and
-/// returns the story.
+/// returns the story: `RunFactory::new().command("true").max_attempts(3)`.
 pub async fn new_story(db: &DatabaseConnection) -> entity::run_story::Model {
-    use run_domain::{NewEpic, NewRun, NewStory, VersionedUpdate};
-    let run = run_domain::create_run(
-        db,
-        NewRun {
-            key: "k".into(),
-            title: "t".into(),
-        },
-    )
-    .await
-    .expect("create run");
-    let epic = run_domain::create_epic(
-        db,
-        run.id,
-        NewEpic {
-            key: "e".into(),
-            title: "e".into(),
-            position: 0,
-        },
-    )
-    .await
-    .expect("create epic");
-    let ids = run_domain::create_stories(
-        db,
-        &epic,
-        vec![NewStory {
-            key: "s".into(),
-            title: "s".into(),
-            position: 0,
-            command: Some("true".into()),
-            max_attempts: 3,
-        }],
-    )
-    .await
-    .expect("create story");
-    entity::run_story::Model::clone(
-        &entity::run_story::Entity::find_versioned(db, ids[0])
-            .await
-            .expect("read story"),
-    )
+    use run_domain::VersionedUpdate;
+    let run = RunFactory::new()
+        .command("true")
+        .max_attempts(3)
+        .create(db)
+        .await;
+    entity::run_story::Entity::find_versioned(db, run.stories[0])
+        .await
+        .expect("read story")
 }
 
 impl TestDb {
     /// A fresh migrated database on `server` (a private server the test controls).
     pub async fn migrated_on(server: &private_server::PrivateServer) -> TestDb {
-        let t = Self::on_server(server.backend(), server.url()).await;
+        let t = Self::on_server(server.backend(), &server.url()).await;
         migration::apply(&t.db, None)
             .await
             .expect("migrate the private server");
@@ -318,4 +250,26 @@ pub async fn count_rows(db: &DatabaseConnection, table: &str) -> i64 {
         .unwrap_or_else(|e| panic!("table {table} must still exist: {e}"))
         .expect("a row");
     row.try_get::<i64>("", "n").expect("count")
+}
+
+/// Every table of the schema, migrations' bookkeeping included.
+pub const TABLES: [&str; 6] = [
+    "run",
+    "run_epic",
+    "run_story",
+    "run_log_head",
+    "run_log",
+    "seaql_migrations",
+];
+
+/// `(table, rows)` of every table in [`TABLES`], in that order.
+///
+/// # Panics
+/// When a table is gone (see [`count_rows`]).
+pub async fn table_counts(db: &DatabaseConnection) -> Vec<(&'static str, i64)> {
+    let mut out = Vec::with_capacity(TABLES.len());
+    for table in TABLES {
+        out.push((table, count_rows(db, table).await));
+    }
+    out
 }

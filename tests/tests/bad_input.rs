@@ -3,10 +3,10 @@
 
 use entity::{run, run_epic, run_story};
 use run_domain::{
-    Changes, ConnectError, LogCursor, NewEpic, NewRun, NewStory, VersionedUpdate, append_run_logs,
-    connect, create_epic, create_run, create_stories, read_run_log_after, redact_text, redact_url,
+    Changes, ConnectError, LogCursor, VersionedUpdate, append_run_logs, connect,
+    read_run_log_after, redact_text, redact_url,
 };
-use run_engine_tests::{Backend, count_rows, each_backend};
+use run_engine_tests::{Backend, RunFactory, each_backend, table_counts};
 
 const INJECTIONS: &[&str] = &[
     "'; DROP TABLE run; --",
@@ -18,31 +18,12 @@ const INJECTIONS: &[&str] = &[
     "Robert'); DROP TABLE seaql_migrations;--",
 ];
 
-async fn table_counts(db: &sea_orm::DatabaseConnection) -> Vec<(String, i64)> {
-    let mut out = Vec::new();
-    for table in [
-        "run",
-        "run_epic",
-        "run_story",
-        "run_log_head",
-        "run_log",
-        "seaql_migrations",
-    ] {
-        out.push((table.to_owned(), count_rows(db, table).await));
-    }
-    out
-}
-
 each_backend! {
     async fn sql_injection_strings_in_every_text_field_are_stored_verbatim(t) {
-        for (i, evil) in INJECTIONS.iter().enumerate() {
-            let run = create_run(&t.db, NewRun { key: evil.to_string(), title: evil.to_string() }).await.expect("run");
-            let epic = create_epic(&t.db, run.id, NewEpic { key: evil.to_string(), title: evil.to_string(), position: i as i32 })
-                .await.expect("epic");
-            let ids = create_stories(&t.db, &epic, vec![NewStory {
-                key: evil.to_string(), title: evil.to_string(), position: 0,
-                command: Some(evil.to_string()), max_attempts: 1,
-            }]).await.expect("story");
+        for evil in INJECTIONS {
+            let created = RunFactory::new().key(*evil).title(*evil).epic(*evil).story(evil, evil, 1)
+                .create(&t.db).await;
+            let (run, epic, ids) = (created.run, &created.epics[0], created.stories);
             let story = run_story::Entity::find_versioned(&t.db, ids[0]).await.expect("read story");
             let story = run_story::Entity::update_versioned(&t.db, story.id, story.version,
                 Changes::new().set(run_story::Column::Error, Some(evil.to_string()))
@@ -65,7 +46,7 @@ each_backend! {
         }
         let n = INJECTIONS.len() as i64;
         let counts = table_counts(&t.db).await;
-        let expect = |table: &str| counts.iter().find(|(t, _)| t == table).map(|(_, n)| *n);
+        let expect = |table: &str| counts.iter().find(|(t, _)| *t == table).map(|(_, n)| *n);
         assert_eq!(expect("run"), Some(n));
         assert_eq!(expect("run_epic"), Some(n));
         assert_eq!(expect("run_story"), Some(n));

@@ -2,10 +2,10 @@
 
 use entity::{run, run_story};
 use run_domain::{
-    Changes, ConcurrencyError, NewRun, RetryPolicy, RunStatus, StoryStatus, TransitionError,
-    VersionedUpdate, create_run, retry, transition, update_with_retry,
+    Changes, ConcurrencyError, RetryPolicy, RunStatus, StoryStatus, TransitionError,
+    VersionedUpdate, retry, transition, update_with_retry,
 };
-use run_engine_tests::each_backend;
+use run_engine_tests::{RunFactory, each_backend};
 use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -280,7 +280,7 @@ each_backend! {
 
 each_backend! {
     async fn runs_follow_their_lifecycle(t) {
-        let run = create_run(&t.db, NewRun { key: "k".into(), title: "t".into() }).await.expect("run");
+        let run = RunFactory::new().epics(0).create(&t.db).await.run;
         assert_eq!((run.status.as_str(), run.version), ("pending", 1));
         let running = transition::<run::Entity, _>(&t.db, &run, RunStatus::Running).await.expect("start");
         let cancelled = transition::<run::Entity, _>(&t.db, &running, RunStatus::Cancelled).await.expect("cancel");

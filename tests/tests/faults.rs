@@ -2,9 +2,9 @@
 //! appends lose no line and write none twice while connections are killed and the server
 //! restarts.
 
-use run_domain::{LogCursor, NewRun, append_run_logs_idempotent, create_run, read_run_log_after};
+use run_domain::{LogCursor, append_run_logs_idempotent, read_run_log_after};
 use run_engine_tests::private_server::PrivateServer;
-use run_engine_tests::{Backend, TestDb};
+use run_engine_tests::{Backend, RunFactory, TestDb};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -21,15 +21,12 @@ async fn appends_survive(backend: Backend) {
     }
     .unwrap_or_else(|e| panic!("{backend:?}: cannot start a private server: {e}"));
     let t = TestDb::migrated_on(&server).await;
-    let run = create_run(
-        &t.db,
-        NewRun {
-            key: "faults".into(),
-            title: "faults".into(),
-        },
-    )
-    .await
-    .expect("run");
+    let run = RunFactory::new()
+        .key("faults")
+        .epics(0)
+        .create(&t.db)
+        .await
+        .run;
     let admin_url = server.url();
     let name = run_engine_tests::private_server::database_name(&t.url);
 

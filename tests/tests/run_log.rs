@@ -2,10 +2,10 @@
 
 use entity::run;
 use run_domain::{
-    AppendReceipt, Changes, LogCursor, LogEntry, LogError, NewRun, VersionedUpdate, append_run_log,
-    append_run_logs, append_run_logs_idempotent, create_run, read_run_log, read_run_log_after,
+    AppendReceipt, Changes, LogCursor, LogEntry, LogError, VersionedUpdate, append_run_log,
+    append_run_logs, append_run_logs_idempotent, read_run_log, read_run_log_after,
 };
-use run_engine_tests::{Backend, TestDb, each_backend};
+use run_engine_tests::{Backend, RunFactory, TestDb, each_backend};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,15 +17,7 @@ const WRITERS: usize = 16;
 const LINES: usize = 500;
 
 async fn new_run(db: &DatabaseConnection) -> run::Model {
-    create_run(
-        db,
-        NewRun {
-            key: "log".into(),
-            title: "log test".into(),
-        },
-    )
-    .await
-    .expect("create run")
+    RunFactory::new().key("log").epics(0).create(db).await.run
 }
 
 /// Reads every line after `cursor` in pages, as a follower would.

@@ -1,4 +1,4 @@
-//! Scenario 4: append throughput with 1, 8 and 32 concurrent writers, into one run and into a
+//! Append throughput with 1, 8 and 32 concurrent writers, into one run and into a
 //! run per writer.
 //!
 //! Ours is [`run_domain::append_run_log`], each writer on its own connection as separate
@@ -16,8 +16,9 @@ use crate::measure::{Outcome, Profile, Throughput, Window, run_window};
 use crate::plot::{Chart, Scale, Series};
 use crate::report::{Bound, Goal, Section, Table, fmt_count, fmt_rate, fmt_rate_summary};
 use chrono::Utc;
-use run_domain::{NewRun, append_run_log, create_run};
+use run_domain::append_run_log;
 use run_engine::LogSink;
+use run_engine_tests::RunFactory;
 use sea_orm::sqlx;
 use sea_orm::{DatabaseConnection, DbBackend};
 use std::fmt::Write as _;
@@ -130,15 +131,13 @@ async fn measure_on(bench: &BenchDb, profile: &Profile) -> anyhow::Result<Vec<Ap
             for appender in appenders {
                 let mut ids = Vec::with_capacity(count);
                 for i in 0..count {
-                    let run = create_run(
-                        &bench.db,
-                        NewRun {
-                            key: format!("append-{}-{i}", appender.label()),
-                            title: "bench".into(),
-                        },
-                    )
-                    .await?;
-                    ids.push(run.id);
+                    let run = RunFactory::new()
+                        .key(format!("append-{}-{i}", appender.label()))
+                        .title("bench")
+                        .epics(0)
+                        .try_create(&bench.db)
+                        .await?;
+                    ids.push(run.id());
                 }
                 // The baseline's seq per run: a client-side counter stands in for the head.
                 let seqs: Vec<AtomicI64> = (0..count).map(|_| 0.into()).collect();

@@ -1,15 +1,14 @@
 //! The backends, their servers, and a fresh migrated database for each scenario.
 //!
-//! Like the test fixture (`tests/src/lib.rs`), every scenario gets a database of its own:
-//! `CREATE DATABASE bench_<uuid>` on the PostgreSQL or MariaDB server, or a temporary SQLite
-//! file, migrated with [`migration::apply`] and dropped afterwards. Benchmarks are not tests: a
-//! server that cannot be reached is reported as skipped, with the reason, and the rest runs.
+//! Every scenario gets a database of its own from the scratch-database helper the tests use
+//! too ([`run_engine_tests::ScratchDb`]): `bench_<uuid>` on the PostgreSQL or MariaDB server,
+//! or a temporary SQLite file, migrated with [`migration::apply`] and dropped afterwards; its
+//! pools come from [`run_domain::connect`]. Benchmarks are not tests: a server that cannot be
+//! reached is reported as skipped, with the reason, and the rest runs.
 
-use anyhow::{Context, anyhow};
-use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
-use sea_orm::{
-    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement,
-};
+use anyhow::anyhow;
+use run_engine_tests::{ScratchDb, ScratchError};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement};
 use std::time::Duration;
 
 /// How long to wait for a server before reporting it as skipped.
@@ -251,56 +250,29 @@ pub struct BenchDb {
     pub url: String,
     /// Which backend it is on.
     pub backend: Backend,
-    cleanup: Cleanup,
-}
-
-enum Cleanup {
-    File(std::path::PathBuf),
-    Server { admin_url: String, name: String },
+    scratch: ScratchDb,
 }
 
 impl BenchDb {
     /// Creates `bench_<uuid>` on the server of `admin_url` (or a temporary SQLite file) and
     /// applies every migration.
     pub async fn create(backend: Backend, admin_url: &str) -> anyhow::Result<BenchDb> {
-        let name = format!("bench_{}", uuid::Uuid::new_v4().simple());
-        let (url, cleanup) = match backend {
-            Backend::Sqlite => {
-                let path = std::env::temp_dir().join(format!("{name}.db"));
-                (
-                    format!("sqlite://{}?mode=rwc", path.display()),
-                    Cleanup::File(path),
-                )
-            }
-            Backend::Postgres | Backend::MySql => {
-                let admin = run_domain::connect(admin_url).await?;
-                let create = match backend {
-                    Backend::Postgres => format!("CREATE DATABASE \"{name}\""),
-                    _ => format!("CREATE DATABASE `{name}`"),
-                };
-                let created = admin.execute_unprepared(&create).await;
-                admin.close().await.ok();
-                created.with_context(|| format!("{create} on {}", server_label(backend)))?;
-                (
-                    with_database(admin_url, &name)?,
-                    Cleanup::Server {
-                        admin_url: admin_url.to_owned(),
-                        name,
-                    },
-                )
-            }
+        let scratch = match backend {
+            Backend::Sqlite => ScratchDb::sqlite(PREFIX),
+            Backend::Postgres | Backend::MySql => ScratchDb::on_server(admin_url, PREFIX).await?,
         };
-        let bench = match run_domain::connect(&url).await {
-            Ok(db) => BenchDb {
-                db,
-                url,
-                backend,
-                cleanup,
-            },
+        let db = match run_domain::connect(scratch.url()).await {
+            Ok(db) => db,
             Err(e) => {
-                drop_database(backend, &cleanup).await;
+                report_leftover(scratch.remove().await);
                 return Err(e.into());
             }
+        };
+        let bench = BenchDb {
+            db,
+            url: scratch.url().to_owned(),
+            backend,
+            scratch,
         };
         if let Err(e) = migration::apply(&bench.db, None).await {
             bench.destroy().await;
@@ -311,7 +283,7 @@ impl BenchDb {
 
     /// Opens `n` more pools on this database, one per concurrent writer, as `n` executor
     /// processes would: run-domain's settings (see [`run_domain::connect`]) but a single
-    /// connection each.
+    /// connection each ([`run_domain::connection::connect_with`]).
     ///
     /// One connection, because sqlx hands a released connection back to its pool from a
     /// spawned task: on a busy 2-core machine the next acquire often finds the pool empty and
@@ -320,7 +292,7 @@ impl BenchDb {
     pub async fn connect_many(&self, n: usize) -> anyhow::Result<Vec<DatabaseConnection>> {
         let mut pools = Vec::with_capacity(n);
         for _ in 0..n {
-            pools.push(connect_single(&self.url, self.backend).await?);
+            pools.push(run_domain::connection::connect_with(&self.url, 1).await?);
         }
         Ok(pools)
     }
@@ -328,28 +300,18 @@ impl BenchDb {
     /// Closes the pool and drops the database (best effort: a failure is printed, not raised).
     pub async fn destroy(self) {
         self.db.close().await.ok();
-        drop_database(self.backend, &self.cleanup).await;
+        report_leftover(self.scratch.remove().await);
     }
 }
 
-/// A pool of one connection on `url`, with the settings of [`run_domain::connect`].
-async fn connect_single(url: &str, backend: Backend) -> anyhow::Result<DatabaseConnection> {
-    let mut opts = ConnectOptions::new(url.to_owned());
-    opts.sqlx_logging(false)
-        .acquire_timeout(Duration::from_secs(30))
-        .min_connections(1)
-        .max_connections(1);
-    if backend == Backend::Sqlite {
-        opts.map_sqlx_sqlite_opts(|o| {
-            o.journal_mode(SqliteJournalMode::Wal)
-                .synchronous(SqliteSynchronous::Normal)
-                .foreign_keys(true)
-                .busy_timeout(run_domain::SQLITE_BUSY_TIMEOUT)
-        });
+/// What the names of bench databases start with, so that a stray one is recognised.
+const PREFIX: &str = "bench";
+
+/// Prints a database that could not be dropped (it is left behind, not a failure).
+fn report_leftover(removed: Result<(), ScratchError>) {
+    if let Err(e) = removed {
+        eprintln!("[run-bench] could not drop a bench database: {e:#}");
     }
-    Database::connect(opts)
-        .await
-        .with_context(|| format!("connecting to {}", run_domain::redact_url(url)))
 }
 
 /// Closes every pool of `pools` (best effort).
@@ -357,39 +319,4 @@ pub async fn close_all(pools: Vec<DatabaseConnection>) {
     for pool in pools {
         pool.close().await.ok();
     }
-}
-
-async fn drop_database(backend: Backend, cleanup: &Cleanup) {
-    match cleanup {
-        Cleanup::File(path) => {
-            for suffix in ["", "-wal", "-shm"] {
-                let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-            }
-        }
-        Cleanup::Server { admin_url, name } => {
-            let sql = match backend {
-                Backend::Postgres => format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"),
-                _ => format!("DROP DATABASE IF EXISTS `{name}`"),
-            };
-            let dropped = match run_domain::connect(admin_url).await {
-                Ok(admin) => {
-                    let r = admin.execute_unprepared(&sql).await.map(|_| ());
-                    admin.close().await.ok();
-                    r.map_err(anyhow::Error::from)
-                }
-                Err(e) => Err(e.into()),
-            };
-            if let Err(e) = dropped {
-                eprintln!("[run-bench] could not drop {name}: {e:#}");
-            }
-        }
-    }
-}
-
-/// `url` with its database (path) replaced by `name`.
-pub fn with_database(url: &str, name: &str) -> anyhow::Result<String> {
-    let mut u = url::Url::parse(url)
-        .with_context(|| format!("invalid server URL {}", run_domain::redact_url(url)))?;
-    u.set_path(&format!("/{name}"));
-    Ok(u.to_string())
 }

@@ -1,4 +1,4 @@
-//! Scenario 3: updating rows under contention, three ways, with 1, 8 and 32 writers on one row
+//! Updating rows under contention, three ways, with 1, 8 and 32 writers on one row
 //! and spread over 64 rows.
 //!
 //! Every successful operation reads a run and writes its title (and version):
@@ -18,7 +18,8 @@ use crate::measure::{Outcome, Profile, Throughput, Window, run_window};
 use crate::report::{Section, Table, fmt_rate, fmt_rate_summary};
 use chrono::Utc;
 use entity::run;
-use run_domain::{Changes, NewRun, RetryPolicy, VersionedUpdate, create_run, update_with_retry};
+use run_domain::{Changes, RetryPolicy, VersionedUpdate, update_with_retry};
+use run_engine_tests::RunFactory;
 use sea_orm::sqlx;
 use sea_orm::{DatabaseConnection, DbBackend};
 use std::fmt::Write as _;
@@ -115,15 +116,13 @@ pub async fn run(servers: &Servers, profile: &Profile) -> ContentionResults {
 async fn measure_on(bench: &BenchDb, profile: &Profile) -> anyhow::Result<Vec<ContentionCell>> {
     let mut ids = Vec::with_capacity(SPREAD_ROWS);
     for i in 0..SPREAD_ROWS {
-        let run = create_run(
-            &bench.db,
-            NewRun {
-                key: format!("contention-{i}"),
-                title: "bench".into(),
-            },
-        )
-        .await?;
-        ids.push(run.id);
+        let run = RunFactory::new()
+            .key(format!("contention-{i}"))
+            .title("bench")
+            .epics(0)
+            .try_create(&bench.db)
+            .await?;
+        ids.push(run.id());
     }
     let ids = Arc::new(ids);
     let max_writers = WRITERS.iter().copied().max().unwrap_or(1);

@@ -1,4 +1,4 @@
-//! Scenario 5: executor throughput on PostgreSQL, against a `FOR UPDATE SKIP LOCKED` claim loop.
+//! Executor throughput on PostgreSQL, against a `FOR UPDATE SKIP LOCKED` claim loop.
 //!
 //! **Ours**: `run_engine::Executor` with an in-process no-op handler, 1, 4 and 16 workers, on a
 //! run of no-op stories: every story is claimed with a lease by compare-and-swap, its lease is
@@ -9,11 +9,11 @@
 //! Both run on a fresh run of the same size in the same bench database, taking turns.
 
 use crate::bench_db::{Backend, BenchDb, Servers, close_all};
-use crate::measure::Profile;
+use crate::measure::{Profile, median};
 use crate::report::{Bound, Goal, Section, Table, fmt_rate};
 use async_trait::async_trait;
-use run_domain::{NewEpic, NewRun, NewStory, create_epic, create_run, create_stories};
 use run_engine::{Executor, ExecutorConfig, StoryContext, StoryHandler, StoryOutcome};
+use run_engine_tests::RunFactory;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
@@ -46,12 +46,6 @@ pub struct Cell {
     pub baseline: Vec<f64>,
 }
 
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    s.get(s.len() / 2).copied().unwrap_or(0.0)
-}
-
 /// The result of the scenario.
 pub struct ExecutorResult {
     cells: Result<Vec<Cell>, String>,
@@ -61,35 +55,13 @@ pub struct ExecutorResult {
 /// Creates a run of one epic with `stories` no-op stories (no command, one attempt each);
 /// returns its id.
 pub async fn new_run(db: &DatabaseConnection, stories: usize) -> anyhow::Result<Uuid> {
-    let run = create_run(
-        db,
-        NewRun {
-            key: "bench".into(),
-            title: "executor bench".into(),
-        },
-    )
-    .await?;
-    let epic = create_epic(
-        db,
-        run.id,
-        NewEpic {
-            key: "e".into(),
-            title: "e".into(),
-            position: 0,
-        },
-    )
-    .await?;
-    let new: Vec<NewStory> = (0..stories)
-        .map(|i| NewStory {
-            key: format!("s{i}"),
-            title: format!("story {i}"),
-            position: i32::try_from(i).unwrap_or(i32::MAX),
-            command: None,
-            max_attempts: 1,
-        })
-        .collect();
-    create_stories(db, &epic, new).await?;
-    Ok(run.id)
+    let run = RunFactory::new()
+        .key("bench")
+        .title("executor bench")
+        .stories(stories)
+        .try_create(db)
+        .await?;
+    Ok(run.id())
 }
 
 async fn ours(bench: &BenchDb, workers: usize, stories: usize) -> anyhow::Result<f64> {

@@ -1,5 +1,5 @@
-//! run-engine's benchmark suite (issue 5): every figure is measured against its baseline in the
-//! same run, on fresh databases, and written to `BENCHMARKS.md` with two SVG plots.
+//! run-engine's benchmark suite: every figure is measured against its baseline in the same run,
+//! on fresh databases, and written to `BENCHMARKS.md` with two SVG plots.
 //!
 //! Run it with `cargo run --release -p run-bench -- [--quick] [--out BENCHMARKS.md]`.
 //!
@@ -9,7 +9,7 @@
 //! - [`versioned_update`]: `update_versioned` vs the same statement in plain sqlx.
 //! - [`contention`]: compare-and-swap, retry and row locks under 1, 8 and 32 writers.
 //! - [`append_throughput`]: concurrent appends vs a plain INSERT loop.
-//! - [`executor`]: the hook for the executor's throughput (measured in `crates/run-engine`).
+//! - [`executor`]: the executor's throughput vs a `FOR UPDATE SKIP LOCKED` claim loop.
 //! - [`memory`]: peak RSS of streaming a large log vs building it as one `String`, of
 //!   `run-engine logs --follow` on it, and of the executor on runs of two sizes.
 //! - [`report`]: tables, goals, the machine description and the markdown file.

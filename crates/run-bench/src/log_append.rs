@@ -1,4 +1,4 @@
-//! Scenario 1: the cost of one append against the size of the log already there.
+//! The cost of one append against the size of the log already there.
 //!
 //! Ours is [`run_domain::append_run_log`]: one ~100-byte line per call, one client. The baseline
 //! is the naive design the run log replaced: a text column grown in place,
@@ -18,7 +18,8 @@ use crate::plot::{Chart, Scale, Series};
 use crate::report::{
     Bound, Goal, Section, Table, fmt_bytes, fmt_ratio, fmt_secs_summary, fmt_secs_tick,
 };
-use run_domain::{NewRun, append_run_log, append_run_logs, create_run};
+use run_domain::{append_run_log, append_run_logs};
+use run_engine_tests::RunFactory;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, Value};
 use uuid::Uuid;
 
@@ -52,14 +53,13 @@ pub fn line(n: u64) -> String {
 
 /// Creates a run and appends `bytes` of lines to its log in large batches; returns its id.
 pub async fn prefilled_run(db: &DatabaseConnection, bytes: u64) -> anyhow::Result<Uuid> {
-    let run = create_run(
-        db,
-        NewRun {
-            key: format!("bench-{}", Uuid::new_v4().simple()),
-            title: "bench".into(),
-        },
-    )
-    .await?;
+    let run = RunFactory::new()
+        .key(format!("bench-{}", Uuid::new_v4().simple()))
+        .title("bench")
+        .epics(0)
+        .try_create(db)
+        .await?
+        .run;
     let lines = bytes / LINE_BYTES as u64;
     let mut n = 0;
     while n < lines {

@@ -1,4 +1,4 @@
-//! `run-bench`: runs issue 5's benchmark suite and writes `BENCHMARKS.md` and its plots.
+//! `run-bench`: runs the benchmark suite and writes `BENCHMARKS.md` and its plots.
 //!
 //! ```text
 //! cargo run --release -p run-bench -- [--quick] [--out BENCHMARKS.md] [--only contention,...]

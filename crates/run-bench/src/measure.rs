@@ -161,6 +161,16 @@ impl Summary {
     }
 }
 
+/// The median of `values`, NaN ignored: the middle value of an odd count, the mean of the two
+/// middle values of an even count; NaN when there are none. [`Summary::of`]'s median.
+///
+/// ```
+/// assert_eq!(run_bench::measure::median(&[3.0, 1.0, 2.0, 10.0]), 2.5);
+/// ```
+pub fn median(values: &[f64]) -> f64 {
+    Summary::of(values).median
+}
+
 /// Runs `op` (given the operation's number) at least `profile.min_ops` times and for at least
 /// `profile.sample_time` (at most `profile.max_ops` times), after one unmeasured call, and
 /// returns the mean seconds per call. The first error ends the sample.
@@ -381,5 +391,28 @@ where
         gave_up: after.2 - before.2,
         errors: tally.errors.load(Ordering::Relaxed),
         first_error,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn the_median_of_an_odd_count_is_its_middle_value() {
+        assert_eq!(median(&[5.0, 1.0, 3.0]), 3.0);
+        assert_eq!(median(&[7.0]), 7.0);
+    }
+
+    #[test]
+    fn the_median_of_an_even_count_is_the_mean_of_its_two_middle_values() {
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(&[1.0, 2.0]), 1.5);
+    }
+
+    #[test]
+    fn the_median_ignores_nan_and_is_nan_of_nothing() {
+        assert_eq!(median(&[f64::NAN, 1.0, 3.0]), 2.0);
+        assert!(median(&[]).is_nan());
     }
 }

@@ -1,4 +1,4 @@
-//! Scenario 6: peak memory of reading a large log, streamed vs built as one `String`; of the
+//! Peak memory of reading a large log, streamed vs built as one `String`; of the
 //! `run-engine logs --follow` command on the same log; and of an executor running a large run.
 //!
 //! [`run_domain::write_run_log`] pages through the log into a writer (here a sink that only
@@ -19,7 +19,7 @@
 use crate::bench_db::{Backend, BenchDb, Measured, Servers};
 use crate::executor::{NoOp, new_run};
 use crate::log_append::prefilled_run;
-use crate::measure::{Profile, Summary};
+use crate::measure::{Profile, Summary, median};
 use crate::report::{Section, Table, fmt_bytes, fmt_count, fmt_rate, fmt_secs};
 use anyhow::{Context, anyhow, bail, ensure};
 use run_engine::{Executor, ExecutorConfig};
@@ -781,13 +781,13 @@ impl MemoryResults {
         body.push_str(&t.to_markdown());
         for (backend, measured) in &self.backends {
             let Some(f) = measured.done() else { continue };
-            let median = |ps: &[Probe], of: fn(&Probe) -> f64| {
-                Summary::of(&ps.iter().map(of).collect::<Vec<_>>()).median
+            let median_of = |ps: &[Probe], of: fn(&Probe) -> f64| {
+                median(&ps.iter().map(of).collect::<Vec<_>>())
             };
             let growth = |p: &Probe| p.peak_kib.saturating_sub(p.start_rss_kib) as f64;
             let peak = |p: &Probe| p.peak_kib as f64;
             let (string, stream) = (f.of(Reader::WholeString), f.of(Reader::Stream));
-            let string_growth = median(string, growth);
+            let string_growth = median_of(string, growth);
             let text = f
                 .probes
                 .iter()
@@ -800,14 +800,14 @@ impl MemoryResults {
                  a time, the String the whole text ({}) at once.\n",
                 backend.name(),
                 mib(string_growth),
-                mib(median(stream, growth)),
+                mib(median_of(stream, growth)),
                 fmt_bytes(f.log_bytes),
                 fmt_bytes(text),
             );
             match &f.follower {
                 Ok(follower) => {
                     let (fpeak, fgrowth) = (follower.peak().median, follower.growth().median);
-                    let stream_growth = median(stream, growth);
+                    let stream_growth = median_of(stream, growth);
                     // Nearer the streamed reader's growth than the String reader's: it does not
                     // hold the whole log.
                     let verdict = if fgrowth < (stream_growth + string_growth) / 2.0 {
@@ -833,8 +833,8 @@ impl MemoryResults {
                         backend.name(),
                         mib(fpeak),
                         mib(fgrowth),
-                        mib(median(string, peak)),
-                        mib(median(stream, peak)),
+                        mib(median_of(string, peak)),
+                        mib(median_of(stream, peak)),
                     );
                 }
                 Err(why) => {

@@ -71,7 +71,7 @@ pub enum Bound {
     AtLeast(f64),
 }
 
-/// A target from issue 5 and whether this run met it.
+/// A target for one figure (the report's "Goals" table) and whether this run met it.
 #[derive(Debug, Clone)]
 pub struct Goal {
     /// Which figure (e.g. "append: ours at 10 MiB / ours at 0").

@@ -1,4 +1,4 @@
-//! Scenario 2: what `update_versioned` costs over the same statement written by hand.
+//! What `update_versioned` costs over the same statement written by hand.
 //!
 //! One row, one client, sequential updates of the run's title. Ours is
 //! [`VersionedUpdate::update_versioned`]; the baseline sends
@@ -12,7 +12,8 @@ use crate::report::{Bound, Goal, Section, Table, fmt_ratio, fmt_secs, fmt_secs_s
 use anyhow::anyhow;
 use chrono::{DateTime, Utc};
 use entity::run;
-use run_domain::{Changes, NewRun, VersionedUpdate, create_run};
+use run_domain::{Changes, VersionedUpdate};
+use run_engine_tests::RunFactory;
 use sea_orm::sqlx::{self, Row};
 use sea_orm::{DatabaseConnection, DbBackend};
 use std::cell::Cell;
@@ -138,14 +139,13 @@ pub async fn run(servers: &Servers, profile: &Profile) -> VersionedUpdateResults
 
 async fn measure_on(bench: &BenchDb, profile: &Profile) -> anyhow::Result<UpdateCost> {
     let db = &bench.db;
-    let created = create_run(
-        db,
-        NewRun {
-            key: "bench".into(),
-            title: "bench".into(),
-        },
-    )
-    .await?;
+    let created = RunFactory::new()
+        .key("bench")
+        .title("bench")
+        .epics(0)
+        .try_create(db)
+        .await?
+        .run;
     let id = created.id;
     // Both sides update the same row, one update each in turn, each timed on its own, so
     // that both meet the same background load; each carries on from the version the other left.

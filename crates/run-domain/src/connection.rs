@@ -255,3 +255,59 @@ fn redact_fields(text: &str) -> String {
 }
 
 pub use crate::retry::is_transient;
+
+/// Connects to `url` like [`connect`], with a pool of at most `pool_size` connections instead
+/// of its default: every other setting (pragmas, timeouts, logging) is [`connect`]'s.
+///
+/// For callers that open many pools on one server, one per simulated process, where
+/// [`connect`]'s 16 connections each would exhaust the server's connection limit. Each call
+/// opens one pool with [`connect`] to read its settings back, then closes it, so the settings
+/// are written in one place. A `:memory:` SQLite database is not shared between pools.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), run_domain::ConnectError> {
+/// let db = run_domain::connection::connect_with("postgres://app@db:5432/runs", 1).await?;
+/// # Ok(()) }
+/// ```
+pub async fn connect_with(url: &str, pool_size: u32) -> Result<DatabaseConnection, ConnectError> {
+    let defaults = connect(url).await?;
+    let mut opts = ConnectOptions::new(url.to_owned());
+    match defaults.get_database_backend() {
+        sea_orm::DbBackend::Sqlite => {
+            let pool = defaults.get_sqlite_connection_pool();
+            let (conn, sized) = (
+                (*pool.connect_options()).clone(),
+                pool.options().clone().max_connections(pool_size),
+            );
+            opts.map_sqlx_sqlite_opts(move |_| conn.clone())
+                .map_sqlx_sqlite_pool_opts(move |_| sized.clone());
+        }
+        sea_orm::DbBackend::Postgres => {
+            let pool = defaults.get_postgres_connection_pool();
+            let (conn, sized) = (
+                (*pool.connect_options()).clone(),
+                pool.options().clone().max_connections(pool_size),
+            );
+            opts.map_sqlx_postgres_opts(move |_| conn.clone())
+                .map_sqlx_postgres_pool_opts(move |_| sized.clone());
+        }
+        sea_orm::DbBackend::MySql => {
+            let pool = defaults.get_mysql_connection_pool();
+            let (conn, sized) = (
+                (*pool.connect_options()).clone(),
+                pool.options().clone().max_connections(pool_size),
+            );
+            opts.map_sqlx_mysql_opts(move |_| conn.clone())
+                .map_sqlx_mysql_pool_opts(move |_| sized.clone());
+        }
+        // `connect` accepts no other backend.
+        _ => return Ok(defaults),
+    }
+    defaults.close().await.ok();
+    Database::connect(opts)
+        .await
+        .map_err(|source| ConnectError::Database {
+            source: scrub(source),
+            url: redact_url(url),
+        })
+}

@@ -4,12 +4,12 @@
 
 use async_trait::async_trait;
 use entity::run_story;
-use run_domain::{Lifecycle, NewEpic, NewRun, NewStory, StoryStatus};
+use run_domain::{Lifecycle, StoryStatus};
 use run_engine::{
     Executor, ExecutorConfig, Lease, StoryContext, StoryHandler, StoryOutcome, TryClaim,
     pending_candidates, try_claim,
 };
-use run_engine_tests::each_backend;
+use run_engine_tests::{RunFactory, each_backend};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder,
 };
@@ -24,41 +24,13 @@ const STORIES: usize = 100;
 
 /// A run of `STORIES` no-op stories in four epics.
 async fn run_of_noops(db: &DatabaseConnection) -> Uuid {
-    let run = run_domain::create_run(
-        db,
-        NewRun {
-            key: "noops".into(),
-            title: "No-ops".into(),
-        },
-    )
-    .await
-    .expect("create run");
-    for e in 0..4 {
-        let epic = run_domain::create_epic(
-            db,
-            run.id,
-            NewEpic {
-                key: format!("e{e}"),
-                title: format!("Epic {e}"),
-                position: e,
-            },
-        )
+    RunFactory::new()
+        .key("noops")
+        .epics(4)
+        .stories(STORIES / 4)
+        .create(db)
         .await
-        .expect("create epic");
-        let stories = (0..STORIES / 4)
-            .map(|s| NewStory {
-                key: format!("s{s}"),
-                title: format!("Story {s}"),
-                position: i32::try_from(s).expect("small"),
-                command: None,
-                max_attempts: 1,
-            })
-            .collect();
-        run_domain::create_stories(db, &epic, stories)
-            .await
-            .expect("create stories");
-    }
-    run.id
+        .id()
 }
 
 /// Counts how often each story is handled.

@@ -3,9 +3,9 @@
 
 mod common;
 
-use common::{ExecProcess, cli, count_status, create, stories, wait_for, write_plan};
+use common::{ExecProcess, cli, count_status, create, stories, wait_for};
 use entity::{run, run_epic};
-use run_engine_tests::each_backend;
+use run_engine_tests::{RunFactory, each_backend};
 use sea_orm::EntityTrait;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -164,7 +164,9 @@ each_backend! {
     /// the run has finished.
     async fn logs_follow_prints_a_running_run_to_its_end(t) {
         let dir = tempfile::tempdir().expect("temp dir");
-        let plan = write_plan(dir.path(), 1, 6, "echo \"out $RUN_ENGINE_STORY\"; sleep 0.2", 1);
+        let plan = RunFactory::new().epics(1).stories(6)
+            .command("echo \"out $RUN_ENGINE_STORY\"; sleep 0.2")
+            .write_plan(dir.path());
         let run_id = create(&t.url, &plan);
         let follower = std::process::Command::new(common::bin())
             .args(["--database-url", &t.url, "logs", "--follow", &run_id.to_string()])
@@ -188,7 +190,7 @@ each_backend! {
     /// pending ones, and the executing process ends non-zero.
     async fn cancel_stops_running_stories_and_cancels_pending_ones(t) {
         let dir = tempfile::tempdir().expect("temp dir");
-        let plan = write_plan(dir.path(), 2, 3, "sleep 30", 1);
+        let plan = RunFactory::new().epics(2).stories(3).command("sleep 30").write_plan(dir.path());
         let run_id = create(&t.url, &plan);
         let mut exec = ExecProcess::start(&t.url, run_id, 2, 30, dir.path());
         wait_for("two stories running", Duration::from_secs(30), || async {
@@ -229,7 +231,7 @@ each_backend! {
     /// the process ends non-zero (130).
     async fn ctrl_c_drains_and_sigterm_gives_leases_back(t) {
         let dir = tempfile::tempdir().expect("temp dir");
-        let plan = write_plan(dir.path(), 1, 6, "sleep 1", 1);
+        let plan = RunFactory::new().epics(1).stories(6).command("sleep 1").write_plan(dir.path());
         let run_id = create(&t.url, &plan);
         let mut exec = ExecProcess::start(&t.url, run_id, 2, 30, dir.path());
         wait_for("two stories running", Duration::from_secs(30), || async {
@@ -245,7 +247,9 @@ each_backend! {
         assert_eq!((completed, pending), (2, 4), "the two running stories finished, nothing new started");
 
         let dir2 = tempfile::tempdir().expect("temp dir");
-        let plan = write_plan(dir2.path(), 1, 4, "sleep 30", 1);
+        let plan = RunFactory::new().epics(1).stories(4)
+            .command("sleep 30")
+            .write_plan(dir2.path());
         let run_id = create(&t.url, &plan);
         let mut exec = ExecProcess::start(&t.url, run_id, 2, 30, dir2.path());
         wait_for("two stories running", Duration::from_secs(30), || async {
@@ -338,7 +342,7 @@ each_backend! {
         let dir = tempfile::tempdir().expect("temp dir");
 
         // Cancelled while running.
-        let plan = write_plan(dir.path(), 2, 6, "sleep 25", 1);
+        let plan = RunFactory::new().epics(2).stories(6).command("sleep 25").write_plan(dir.path());
         let run_id = create(&t.url, &plan);
         let follower = Follower::start(&t.url, run_id, dir.path());
         let mut exec = ExecProcess::start(&t.url, run_id, 6, 30, dir.path());
@@ -368,7 +372,9 @@ each_backend! {
         assert_eq!(followed, log);
 
         // Completed.
-        let plan = write_plan(dir.path(), 2, 3, "echo hello", 1);
+        let plan = RunFactory::new().epics(2).stories(3)
+            .command("echo hello")
+            .write_plan(dir.path());
         let run_id = create(&t.url, &plan);
         let follower = Follower::start(&t.url, run_id, dir.path());
         let (status, _, stderr) = cli(&t.url, &["exec", &run_id.to_string(), "--workers", "4"]);
@@ -387,7 +393,9 @@ each_backend! {
     async fn lines_that_cannot_be_written_fail_the_execution_instead_of_completing_it(t) {
         use sea_orm::ConnectionTrait;
         let dir = tempfile::tempdir().expect("temp dir");
-        let plan = write_plan(dir.path(), 1, 2, "echo hello", 1);
+        let plan = RunFactory::new().epics(1).stories(2)
+            .command("echo hello")
+            .write_plan(dir.path());
         let run_id = create(&t.url, &plan);
         t.db.execute_unprepared("ALTER TABLE run_log RENAME TO run_log_away").await.expect("hide the log");
         let (status, _, stderr) = cli(&t.url, &["exec", &run_id.to_string(), "--workers", "2"]);

@@ -4,54 +4,24 @@
 
 use async_trait::async_trait;
 use entity::{run, run_epic, run_story};
-use run_domain::{NewEpic, NewRun, NewStory, VersionedUpdate};
+use run_domain::VersionedUpdate;
 use run_engine::{
     Executor, ExecutorConfig, ExecutorEvent, Lease, Release, ShellHandler, StoryContext,
     StoryHandler, StoryOutcome, TryClaim, release, try_claim,
 };
-use run_engine_tests::each_backend;
+use run_engine_tests::{RunFactory, each_backend};
 use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter};
 use std::time::Duration;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
-/// A run with one epic of the given stories (key, command, max attempts).
+/// A run `r` with one epic `e` of the given stories (key, command, max attempts).
 async fn run_with(db: &DatabaseConnection, stories: &[(&str, &str, i32)]) -> Uuid {
-    let run = run_domain::create_run(
-        db,
-        NewRun {
-            key: "r".into(),
-            title: "r".into(),
-        },
-    )
-    .await
-    .expect("run");
-    let epic = run_domain::create_epic(
-        db,
-        run.id,
-        NewEpic {
-            key: "e".into(),
-            title: "e".into(),
-            position: 0,
-        },
-    )
-    .await
-    .expect("epic");
-    let new = stories
-        .iter()
-        .enumerate()
-        .map(|(i, (key, command, max_attempts))| NewStory {
-            key: (*key).into(),
-            title: (*key).into(),
-            position: i32::try_from(i).expect("small"),
-            command: Some((*command).into()),
-            max_attempts: *max_attempts,
-        })
-        .collect();
-    run_domain::create_stories(db, &epic, new)
-        .await
-        .expect("stories");
-    run.id
+    let mut run = RunFactory::new().key("r").epic("e");
+    for (key, command, max_attempts) in stories {
+        run = run.story(key, command, *max_attempts);
+    }
+    run.create(db).await.id()
 }
 
 async fn story(db: &DatabaseConnection, run_id: Uuid, key: &str) -> run_story::Model {

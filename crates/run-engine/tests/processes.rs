@@ -5,11 +5,10 @@
 mod common;
 
 use common::{
-    ExecProcess, count_status, counted, create, executions, lines_with, log_text, stories,
-    wait_for, write_plan,
+    ExecProcess, count_status, counted, create, executions, lines_with, log_text, stories, wait_for,
 };
 use entity::run;
-use run_engine_tests::each_backend;
+use run_engine_tests::{RunFactory, each_backend};
 use sea_orm::EntityTrait;
 use std::collections::HashSet;
 use std::time::Duration;
@@ -28,7 +27,9 @@ each_backend! {
     /// every story's output is in the run log, and the run completes.
     async fn four_processes_with_four_workers_run_every_story_exactly_once(t) {
         let dir = tempfile::tempdir().expect("temp dir");
-        let plan = write_plan(dir.path(), 4, 100, &counted(""), 1);
+        let plan = RunFactory::new().epics(4).stories(100)
+            .command(counted(""))
+            .write_plan(dir.path());
         let run_id = create(&t.url, &plan);
 
         let mut procs: Vec<ExecProcess> =
@@ -74,7 +75,10 @@ each_backend! {
     /// story completes once; only the stories the dead process held may have started twice.
     async fn a_process_killed_mid_run_is_taken_over_and_nothing_completes_twice(t) {
         let dir = tempfile::tempdir().expect("temp dir");
-        let plan = write_plan(dir.path(), 2, 30, &counted("sleep 0.3 && "), 3);
+        let plan = RunFactory::new().epics(2).stories(30)
+            .command(counted("sleep 0.3 && "))
+            .max_attempts(3)
+            .write_plan(dir.path());
         let run_id = create(&t.url, &plan);
 
         let mut first = ExecProcess::start(&t.url, run_id, 4, 2, dir.path());
@@ -139,13 +143,9 @@ each_backend! {
     /// its result.
     async fn a_worker_stopped_past_its_lease_is_fenced_off_when_it_resumes(t) {
         let dir = tempfile::tempdir().expect("temp dir");
-        let plan = write_plan(
-            dir.path(),
-            1,
-            1,
-            "echo \"begin $RUN_ENGINE_WORKER\"; sleep 3; echo \"end $RUN_ENGINE_WORKER\"",
-            3,
-        );
+        let plan = RunFactory::new().epics(1).stories(1).max_attempts(3)
+            .command("echo \"begin $RUN_ENGINE_WORKER\"; sleep 3; echo \"end $RUN_ENGINE_WORKER\"")
+            .write_plan(dir.path());
         let run_id = create(&t.url, &plan);
 
         let mut stalled = ExecProcess::start(&t.url, run_id, 1, 2, dir.path());

@@ -1,4 +1,5 @@
-//! Helpers shared by the tests that drive the `run-engine` binary: plans, processes, polling.
+//! What the tests that drive the `run-engine` binary share: its processes, polling, and reads
+//! of what they did. Their plans come from `run_engine_tests::RunFactory::write_plan`.
 
 #![allow(dead_code)]
 
@@ -23,29 +24,6 @@ pub fn counted(extra: &str) -> String {
     format!(
         "mktemp \"$MARKER_DIR/$RUN_ENGINE_STORY.XXXXXXXX\" >/dev/null && {extra}echo \"ran $RUN_ENGINE_STORY\""
     )
-}
-
-/// Writes a plan of `epics` epics of `per_epic` stories each running `command`; story keys are
-/// unique across the plan (`e<i>s<j>`). Returns its path.
-pub fn write_plan(
-    dir: &Path,
-    epics: usize,
-    per_epic: usize,
-    command: &str,
-    max_attempts: u32,
-) -> PathBuf {
-    let mut text = String::from("name = \"test\"\ntitle = \"Test plan\"\n");
-    for e in 0..epics {
-        text.push_str(&format!("\n[[epics]]\nkey = \"e{e}\"\n"));
-        for s in 0..per_epic {
-            text.push_str(&format!(
-                "[[epics.stories]]\nkey = \"e{e}s{s:03}\"\ncommand = '''{command}'''\nmax_attempts = {max_attempts}\n"
-            ));
-        }
-    }
-    let path = dir.join("plan.toml");
-    std::fs::write(&path, text).expect("write plan");
-    path
 }
 
 /// Runs `run-engine <args>` to the end; returns (status, stdout, stderr).
