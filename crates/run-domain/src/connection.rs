@@ -86,6 +86,12 @@ pub fn redact_url(url: &str) -> String {
 /// # Ok(()) }
 /// ```
 pub async fn connect(url: &str) -> Result<DatabaseConnection, ConnectError> {
+    open(url, None).await
+}
+
+/// Opens a pool on `url` with run-engine's settings for its backend, the pool's size being
+/// `pool_size` when given: the one place those settings are written.
+async fn open(url: &str, pool_size: Option<u32>) -> Result<DatabaseConnection, ConnectError> {
     let redacted = redact_url(url);
     let scheme = url
         .split_once(':')
@@ -97,27 +103,26 @@ pub async fn connect(url: &str) -> Result<DatabaseConnection, ConnectError> {
     let mut opts = ConnectOptions::new(url.to_owned());
     opts.sqlx_logging(false)
         .acquire_timeout(Duration::from_secs(30));
-    match scheme.as_str() {
+    let default_size = match scheme.as_str() {
         "sqlite" => {
+            opts.map_sqlx_sqlite_opts(|o| {
+                o.journal_mode(SqliteJournalMode::Wal)
+                    .synchronous(SqliteSynchronous::Normal)
+                    .foreign_keys(true)
+                    .busy_timeout(SQLITE_BUSY_TIMEOUT)
+            });
             let in_memory = url.contains(":memory:") || url.contains("mode=memory");
-            opts.max_connections(if in_memory { 1 } else { 8 })
-                .map_sqlx_sqlite_opts(|o| {
-                    o.journal_mode(SqliteJournalMode::Wal)
-                        .synchronous(SqliteSynchronous::Normal)
-                        .foreign_keys(true)
-                        .busy_timeout(SQLITE_BUSY_TIMEOUT)
-                });
+            if in_memory { 1 } else { 8 }
         }
-        "postgres" | "postgresql" | "mysql" => {
-            opts.max_connections(16);
-        }
+        "postgres" | "postgresql" | "mysql" => 16,
         other => {
             return Err(ConnectError::UnsupportedScheme {
                 scheme: other.to_owned(),
                 url: redacted,
             });
         }
-    }
+    };
+    opts.max_connections(pool_size.unwrap_or(default_size));
     Database::connect(opts)
         .await
         .map_err(|source| ConnectError::Database {
@@ -260,9 +265,8 @@ pub use crate::retry::is_transient;
 /// of its default: every other setting (pragmas, timeouts, logging) is [`connect`]'s.
 ///
 /// For callers that open many pools on one server, one per simulated process, where
-/// [`connect`]'s 16 connections each would exhaust the server's connection limit. Each call
-/// opens one pool with [`connect`] to read its settings back, then closes it, so the settings
-/// are written in one place. A `:memory:` SQLite database is not shared between pools.
+/// [`connect`]'s 16 connections each would exhaust the server's connection limit. A `:memory:`
+/// SQLite database is not shared between pools.
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), run_domain::ConnectError> {
@@ -270,44 +274,5 @@ pub use crate::retry::is_transient;
 /// # Ok(()) }
 /// ```
 pub async fn connect_with(url: &str, pool_size: u32) -> Result<DatabaseConnection, ConnectError> {
-    let defaults = connect(url).await?;
-    let mut opts = ConnectOptions::new(url.to_owned());
-    match defaults.get_database_backend() {
-        sea_orm::DbBackend::Sqlite => {
-            let pool = defaults.get_sqlite_connection_pool();
-            let (conn, sized) = (
-                (*pool.connect_options()).clone(),
-                pool.options().clone().max_connections(pool_size),
-            );
-            opts.map_sqlx_sqlite_opts(move |_| conn.clone())
-                .map_sqlx_sqlite_pool_opts(move |_| sized.clone());
-        }
-        sea_orm::DbBackend::Postgres => {
-            let pool = defaults.get_postgres_connection_pool();
-            let (conn, sized) = (
-                (*pool.connect_options()).clone(),
-                pool.options().clone().max_connections(pool_size),
-            );
-            opts.map_sqlx_postgres_opts(move |_| conn.clone())
-                .map_sqlx_postgres_pool_opts(move |_| sized.clone());
-        }
-        sea_orm::DbBackend::MySql => {
-            let pool = defaults.get_mysql_connection_pool();
-            let (conn, sized) = (
-                (*pool.connect_options()).clone(),
-                pool.options().clone().max_connections(pool_size),
-            );
-            opts.map_sqlx_mysql_opts(move |_| conn.clone())
-                .map_sqlx_mysql_pool_opts(move |_| sized.clone());
-        }
-        // `connect` accepts no other backend.
-        _ => return Ok(defaults),
-    }
-    defaults.close().await.ok();
-    Database::connect(opts)
-        .await
-        .map_err(|source| ConnectError::Database {
-            source: scrub(source),
-            url: redact_url(url),
-        })
+    open(url, Some(pool_size)).await
 }

@@ -373,16 +373,11 @@ pub(crate) async fn current_version<E: Versioned, C: ConnectionTrait>(
     db: &C,
     id: Uuid,
 ) -> Result<Option<i32>, sea_orm::DbErr> {
-    let mut select = E::find()
+    let select = E::find()
         .select_only()
         .column(E::version_column())
         .filter(E::id_column().eq(id));
-    if db.get_database_backend() == DbBackend::MySql {
-        // SAFETY(snapshot): a current read, so a caller inside a transaction learns the
-        // version that made its swap miss, not the one its snapshot holds.
-        select = select.lock_exclusive();
-    }
-    select.into_tuple::<i32>().one(db).await
+    current_read(select, db).into_tuple::<i32>().one(db).await
 }
 
 /// Reads the row as committed now: like [`VersionedUpdate::find_versioned`], but a locking
@@ -393,12 +388,24 @@ pub(crate) async fn find_current<E: Versioned, C: ConnectionTrait>(
     db: &C,
     id: Uuid,
 ) -> Result<E::Model, ConcurrencyError> {
-    let mut select = E::find().filter(E::id_column().eq(id));
+    current_read(E::find().filter(E::id_column().eq(id)), db)
+        .one(db)
+        .await?
+        .ok_or(ConcurrencyError::NotFound {
+            entity: E::NAME,
+            id,
+        })
+}
+
+/// `select` as a current read: a locking read on MariaDB, whose plain reads inside a
+/// transaction return the transaction's snapshot; as it is elsewhere (PostgreSQL and SQLite read
+/// the latest committed row per statement).
+fn current_read<Q: QuerySelect, C: ConnectionTrait>(select: Q, db: &C) -> Q {
     if db.get_database_backend() == DbBackend::MySql {
-        select = select.lock_exclusive();
+        // SAFETY(snapshot): a caller inside a transaction learns the row as committed now,
+        // not as its snapshot holds it.
+        select.lock_exclusive()
+    } else {
+        select
     }
-    select.one(db).await?.ok_or(ConcurrencyError::NotFound {
-        entity: E::NAME,
-        id,
-    })
 }

@@ -220,7 +220,7 @@ where
                 db,
                 run_id,
                 closing_line_batch(run_id, status),
-                closing_line(&run),
+                closing_line(&run.key, status, run.error.as_deref()),
             )
             .await?;
             return Ok(None);
@@ -236,22 +236,17 @@ where
         } else {
             None
         };
-        let mut closed = run.clone();
-        closed.status = verdict.run().as_str().to_owned();
-        let changes = match &error {
-            Some(error) => {
-                closed.error = Some(error.clone());
-                Changes::new().set(run::Column::Error, Some(error.clone()))
-            }
-            None => Changes::new(),
-        };
         append_closing_line(
             db,
             run_id,
             closing_line_batch(run_id, verdict.run()),
-            closing_line(&closed),
+            closing_line(&run.key, verdict.run(), error.as_deref()),
         )
         .await?;
+        let changes = match error {
+            Some(error) => Changes::new().set(run::Column::Error, Some(error)),
+            None => Changes::new(),
+        };
         match transition_with::<run::Entity, _>(db, &run, verdict.run(), changes).await {
             Ok(run) => Ok(Some(run)),
             Err(TransitionError::Illegal { .. }) => Ok(None),
@@ -266,10 +261,10 @@ where
 }
 
 /// The run's closing line: `run <key> <status>`, with its error when it has one.
-fn closing_line(run: &run::Model) -> String {
-    match &run.error {
-        Some(error) => format!("run {} {}: {error}", run.key, run.status),
-        None => format!("run {} {}", run.key, run.status),
+fn closing_line(key: &str, status: RunStatus, error: Option<&str>) -> String {
+    match error {
+        Some(error) => format!("run {key} {status}: {error}"),
+        None => format!("run {key} {status}"),
     }
 }
 

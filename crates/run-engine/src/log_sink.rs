@@ -16,6 +16,7 @@
 //! a try that committed with its answer lost is not written twice.
 
 use run_domain::retry::{Schedule, backoff, retry_when};
+use run_domain::run_log::APPEND_TRIES;
 use run_domain::{LogBatch, Retryable};
 use sea_orm::DatabaseConnection;
 use std::sync::Arc;
@@ -251,20 +252,17 @@ async fn write_batch(
 }
 
 /// How a batch is tried again: for the sink's budget, and at least as often as an append
-/// retries on its own ([`run_domain::append_run_logs_idempotent`]: 14 tries), so that a try that
+/// retries on its own ([`APPEND_TRIES`]), so that a try that
 /// spent the whole budget waiting for a lock (MariaDB waits 50 s by default) is still tried
 /// again. With no budget, never.
 struct SinkRetry {
     budget: Option<Duration>,
 }
 
-/// Tries of a batch that are made even past the budget.
-const MIN_TRIES: u32 = 14;
-
 impl Schedule for SinkRetry {
     fn allows(&self, failures: u32, elapsed: Duration) -> bool {
         self.budget
-            .is_some_and(|budget| elapsed < budget || failures < MIN_TRIES)
+            .is_some_and(|budget| elapsed < budget || failures < APPEND_TRIES)
     }
 
     fn wait(&self, failures: u32, _elapsed: Duration) -> Duration {

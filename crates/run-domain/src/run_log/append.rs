@@ -148,6 +148,10 @@ impl<S: AsRef<str>> LogBatch<S> {
     }
 }
 
+/// How often an append is tried through transient failures, the first try included (about
+/// 10 s of backoff in all: enough to ride out a server restart).
+pub const APPEND_TRIES: u32 = 14;
+
 /// `fresh_id`: the batch id was just drawn at random, so its first try need not look for an
 /// earlier one (saving a round trip while the head is locked); retries always look.
 pub(super) async fn append_batch<C, I, S>(
@@ -165,7 +169,7 @@ where
     let messages: Vec<S> = messages.into_iter().collect();
     // About 10 s of retries in all: enough to ride out a server restart.
     let policy = RetryPolicy {
-        max_attempts: 14,
+        max_attempts: APPEND_TRIES,
         base_delay: Duration::from_millis(50),
         max_delay: Duration::from_secs(2),
     };

@@ -20,7 +20,9 @@
 mod append;
 mod read;
 
-pub use append::{LogBatch, append_run_log, append_run_logs, append_run_logs_idempotent};
+pub use append::{
+    APPEND_TRIES, LogBatch, append_run_log, append_run_logs, append_run_logs_idempotent,
+};
 use chrono::{DateTime, SecondsFormat, Utc};
 use entity::run_log;
 pub use read::{read_run_log, read_run_log_after, write_run_log};

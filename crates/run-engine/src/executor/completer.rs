@@ -64,7 +64,7 @@ impl Execution {
         let output = log.lines_queued() > output_from;
         if (line_first || output)
             && !self
-                .write_result_line(log, &held, line_first.then_some(&line))
+                .write_result_line(log, &held, line_first.then_some(line.as_str()))
                 .await
         {
             return None;
@@ -199,7 +199,7 @@ impl Execution {
         &self,
         log: &LogSink,
         held: &run_story::Model,
-        line: Option<&String>,
+        line: Option<&str>,
     ) -> bool {
         if let Some(line) = line {
             log.line(line).await;
