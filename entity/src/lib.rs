@@ -8,6 +8,8 @@ pub mod prelude;
 
 pub mod run;
 pub mod run_epic;
+pub mod run_epic_need;
 pub mod run_log;
 pub mod run_log_head;
 pub mod run_story;
+pub mod run_story_need;

@@ -4,6 +4,8 @@
 
 pub use super::run::Entity as Run;
 pub use super::run_epic::Entity as RunEpic;
+pub use super::run_epic_need::Entity as RunEpicNeed;
 pub use super::run_log::Entity as RunLog;
 pub use super::run_log_head::Entity as RunLogHead;
 pub use super::run_story::Entity as RunStory;
+pub use super::run_story_need::Entity as RunStoryNeed;

@@ -19,21 +19,32 @@ pub struct Model {
     #[sea_orm(column_type = "Text", nullable)]
     pub error: Option<String>,
     pub version: i32,
+    pub fail_fast: bool,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
 pub enum Relation {
     #[sea_orm(has_many = "super::run_epic::Entity")]
     RunEpic,
+    #[sea_orm(has_many = "super::run_epic_need::Entity")]
+    RunEpicNeed,
     #[sea_orm(has_one = "super::run_log_head::Entity")]
     RunLogHead,
     #[sea_orm(has_many = "super::run_story::Entity")]
     RunStory,
+    #[sea_orm(has_many = "super::run_story_need::Entity")]
+    RunStoryNeed,
 }
 
 impl Related<super::run_epic::Entity> for Entity {
     fn to() -> RelationDef {
         Relation::RunEpic.def()
+    }
+}
+
+impl Related<super::run_epic_need::Entity> for Entity {
+    fn to() -> RelationDef {
+        Relation::RunEpicNeed.def()
     }
 }
 
@@ -46,6 +57,12 @@ impl Related<super::run_log_head::Entity> for Entity {
 impl Related<super::run_story::Entity> for Entity {
     fn to() -> RelationDef {
         Relation::RunStory.def()
+    }
+}
+
+impl Related<super::run_story_need::Entity> for Entity {
+    fn to() -> RelationDef {
+        Relation::RunStoryNeed.def()
     }
 }
 

@@ -30,6 +30,8 @@ pub struct Model {
     pub max_attempts: i32,
     pub lease_owner: Option<String>,
     pub lease_expires_at: Option<DateTimeUtc>,
+    pub unmet_needs: i32,
+    pub needed_by: i32,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -16,6 +16,7 @@ mod m20261128_000003_create_run_log;
 mod m20261128_000004_add_story_execution_fields;
 mod m20261129_000005_index_run_story_epic_status;
 mod m20261201_000006_add_run_log_batch_digest;
+mod m20261201_000007_add_needs;
 pub mod schema_types;
 
 pub use lock::{MigrationLockError, apply, fresh, rollback, status, with_migration_lock};
@@ -33,6 +34,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261128_000004_add_story_execution_fields::Migration),
             Box::new(m20261129_000005_index_run_story_epic_status::Migration),
             Box::new(m20261201_000006_add_run_log_batch_digest::Migration),
+            Box::new(m20261201_000007_add_needs::Migration),
         ]
     }
 }
@@ -74,6 +76,8 @@ pub mod idens {
         FinishedAt,
         /// Error text of a failed run.
         Error,
+        /// Cancel the rest of the run on the first story that fails for good.
+        FailFast,
     }
 
     /// The `run_epic` table.
@@ -105,6 +109,8 @@ pub mod idens {
         FinishedAt,
         /// Error text.
         Error,
+        /// How many epics need this one (epic-level needs).
+        NeededBy,
     }
 
     /// The `run_story` table.
@@ -148,6 +154,37 @@ pub mod idens {
         LeaseOwner,
         /// When the lease runs out.
         LeaseExpiresAt,
+        /// How many of its needs (stories, and epics through its epic) have not completed yet.
+        UnmetNeeds,
+        /// How many stories need this one directly.
+        NeededBy,
+    }
+
+    /// The `run_story_need` table: a story needs another story.
+    #[derive(DeriveIden)]
+    pub enum RunStoryNeed {
+        /// Table name.
+        Table,
+        /// The run both stories belong to.
+        RunId,
+        /// The story that waits.
+        StoryId,
+        /// The story it waits for.
+        NeedsStoryId,
+    }
+
+    /// The `run_epic_need` table: every story of an epic needs every story of another epic,
+    /// stored as one row.
+    #[derive(DeriveIden)]
+    pub enum RunEpicNeed {
+        /// Table name.
+        Table,
+        /// The run both epics belong to.
+        RunId,
+        /// The epic that waits.
+        EpicId,
+        /// The epic it waits for.
+        NeedsEpicId,
     }
 
     /// The append-only `run_log` table.

@@ -197,6 +197,7 @@ impl RunFactory {
             NewRun {
                 key: self.key.clone(),
                 title: self.title.clone(),
+                fail_fast: false,
             },
         )
         .await?;

@@ -5,7 +5,7 @@
 //! far to migrate.
 
 use chrono::{DateTime, Utc};
-use migration::idens::{Run, RunEpic, RunLog, RunLogHead, RunStory};
+use migration::idens::{Run, RunEpic, RunEpicNeed, RunLog, RunLogHead, RunStory, RunStoryNeed};
 use migration::{Migrator, MigratorTrait};
 use run_engine_tests::{TestDb, each_backend};
 use sea_orm::{ActiveModelTrait, ConnectionTrait, DatabaseConnection, EntityTrait, Set};
@@ -14,7 +14,7 @@ use sea_orm_migration::sea_query::{Iden, IntoIden, Query, SimpleExpr};
 use std::collections::BTreeSet;
 
 /// The number of migrations in [`Migrator`].
-const MIGRATIONS: usize = 6;
+const MIGRATIONS: usize = 7;
 
 /// The name an iden stands for, e.g. `run_epic`.
 fn name(iden: impl Iden) -> String {
@@ -59,6 +59,15 @@ fn added_by(k: usize) -> (Vec<String>, Vec<(String, String)>) {
             vec![],
             vec![(name(RunLog::Table), name(RunLog::BatchDigest))],
         ),
+        6 => (
+            vec![name(RunStoryNeed::Table), name(RunEpicNeed::Table)],
+            vec![
+                (name(Run::Table), name(Run::FailFast)),
+                (name(RunEpic::Table), name(RunEpic::NeededBy)),
+                (name(RunStory::Table), name(RunStory::UnmetNeeds)),
+                (name(RunStory::Table), name(RunStory::NeededBy)),
+            ],
+        ),
         _ => unreachable!("there are {MIGRATIONS} migrations"),
     }
 }
@@ -67,6 +76,7 @@ fn added_by(k: usize) -> (Vec<String>, Vec<(String, String)>) {
 fn indexes_added_by(k: usize) -> Vec<(String, String)> {
     match k {
         4 => vec![(name(RunStory::Table), "ix_run_story_epic_status".to_owned())],
+        6 => vec![(name(RunStory::Table), "ix_run_story_ready".to_owned())],
         _ => vec![],
     }
 }
@@ -446,6 +456,7 @@ each_backend!(
                 started_at: Set(Some(now)),
                 finished_at: Set(None),
                 error: Set(None),
+                fail_fast: Set(false),
             }
             .insert(&t.db)
             .await
@@ -464,6 +475,7 @@ each_backend!(
                 started_at: Set(None),
                 finished_at: Set(None),
                 error: Set(None),
+                needed_by: Set(0),
             }
             .insert(&t.db)
             .await
@@ -488,6 +500,8 @@ each_backend!(
                     max_attempts: Set(3),
                     lease_owner: Set(Some("worker-1".into())),
                     lease_expires_at: Set(Some(now)),
+                    unmet_needs: Set(0),
+                    needed_by: Set(0),
                 }
                 .insert(&t.db)
                 .await
@@ -524,5 +538,46 @@ each_backend!(
             before,
             "{backend:?}: rows kept by rolling back add_version_fields_for_concurrency"
         );
+    }
+);
+
+each_backend!(
+    empty: /// Rolling back `add_needs` removes the dependency tables, the index and the counters,
+    /// and keeps every run, epic and story, including those that had needs.
+    async fn migrating_down_add_needs_removes_the_dependencies_and_keeps_every_other_row(t) {
+        let backend = t.backend;
+        let names = migration::migration_names();
+        let needs_migration = names.last().expect("migrations").clone();
+        assert!(needs_migration.ends_with("add_needs"), "the last migration is {needs_migration}");
+        up(&t, None, &names, "up to latest").await;
+        let run = run_engine_tests::RunFactory::new().epics(2).stories(3).create(&t.db).await;
+        let stories = &run.stories;
+        run_domain::create_needs(
+            &t.db,
+            run.id(),
+            &[run_domain::StoryNeed { story: stories[1], needs: stories[0] }],
+            &[run_domain::EpicNeed { epic: run.epics[1].id, needs: run.epics[0].id }],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{backend:?}: creating needs: {e}"));
+        let story = |id| {
+            let db = &t.db;
+            async move {
+                entity::run_story::Entity::find_by_id(id)
+                    .one(db)
+                    .await
+                    .expect("read")
+                    .expect("story")
+            }
+        };
+        assert_eq!(story(stories[1]).await.unmet_needs, 1, "{backend:?}: one story need");
+        assert_eq!(story(stories[0]).await.needed_by, 1, "{backend:?}: needed once");
+        assert_eq!(story(stories[4]).await.unmet_needs, 1, "{backend:?}: one epic need");
+        let before = counts(&t.db).await;
+        down(&t, Some(1), std::slice::from_ref(&needs_migration), "down add_needs").await;
+        assert_schema_at(&t, MIGRATIONS - 1, "below add_needs").await;
+        assert_eq!(counts(&t.db).await, before, "{backend:?}: rows kept by rolling back add_needs");
+        up(&t, None, std::slice::from_ref(&needs_migration), "up add_needs again").await;
+        assert_eq!(story(stories[1]).await.unmet_needs, 0, "{backend:?}: counters start at 0");
     }
 );

@@ -17,6 +17,8 @@ pub struct NewRun {
     pub key: String,
     /// Human title.
     pub title: String,
+    /// Cancel the rest of the run when a story fails for good.
+    pub fail_fast: bool,
 }
 
 /// An epic to create within a run.
@@ -50,7 +52,11 @@ pub struct NewStory {
 /// ```no_run
 /// use run_domain::{NewRun, create_run};
 /// # async fn demo(db: &sea_orm::DatabaseConnection) -> Result<(), run_domain::CreateError> {
-/// let run = create_run(db, NewRun { key: "nightly".into(), title: "Nightly build".into() }).await?;
+/// let run = create_run(db, NewRun {
+///     key: "nightly".into(),
+///     title: "Nightly build".into(),
+///     fail_fast: false,
+/// }).await?;
 /// assert_eq!(run.version, 1);
 /// # Ok(()) }
 /// ```
@@ -72,6 +78,7 @@ where
         started_at: Set(None),
         finished_at: Set(None),
         error: Set(None),
+        fail_fast: Set(new.fail_fast),
     })
     .exec_without_returning(&tx)
     .await?;
@@ -116,6 +123,7 @@ where
         started_at: Set(None),
         finished_at: Set(None),
         error: Set(None),
+        needed_by: Set(0),
     })
     .exec_without_returning(db)
     .await?;
@@ -165,6 +173,8 @@ where
             max_attempts: Set(story.max_attempts.max(1)),
             lease_owner: Set(None),
             lease_expires_at: Set(None),
+            unmet_needs: Set(0),
+            needed_by: Set(0),
         });
         if rows.len() == CHUNK {
             run_story::Entity::insert_many(std::mem::take(&mut rows))

@@ -77,6 +77,17 @@ pub enum TransitionError {
         /// The status text found.
         found: String,
     },
+    /// A story cannot start yet: some story it needs (directly or through its epic) has not
+    /// completed. Nothing was sent to the database.
+    #[error("{entity} {id} waits for {unmet} more need(s) to complete")]
+    Waiting {
+        /// Which kind of row.
+        entity: &'static str,
+        /// The row's id.
+        id: Uuid,
+        /// How many of its needs have not completed, as read.
+        unmet: i32,
+    },
     /// The compare-and-swap failed (stale version, missing row, database error).
     #[error(transparent)]
     Concurrency(#[from] ConcurrencyError),

@@ -13,6 +13,7 @@ pub mod connection;
 pub mod create;
 pub mod error;
 pub mod lifecycle;
+pub mod needs;
 pub mod retry;
 pub mod run_log;
 pub mod versioned;
@@ -27,6 +28,7 @@ pub use lifecycle::{
     EpicStatus, HasStatus, Lifecycle, RunStatus, StoryStatus, UnknownStatus, transition,
     transition_with,
 };
+pub use needs::{EpicNeed, StoryNeed, create_needs, satisfy_epic, satisfy_story};
 pub use retry::{RetryPolicy, Retryable, retry, update_with_retry};
 pub use run_log::{
     AppendReceipt, LogBatch, LogCursor, LogEntry, LogPage, append_run_log, append_run_logs,

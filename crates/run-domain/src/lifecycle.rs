@@ -133,9 +133,11 @@ lifecycle! {
         Failed = "failed",
         /// Its run was cancelled before it finished.
         Cancelled = "cancelled",
+        /// Never started: a story it needs failed, was cancelled or was skipped.
+        Skipped = "skipped",
     }
     transitions: [
-        (Pending, Running), (Pending, Cancelled),
+        (Pending, Running), (Pending, Cancelled), (Pending, Skipped),
         (Running, Completed), (Running, Failed), (Running, Pending), (Running, Cancelled),
     ]
 }
@@ -152,16 +154,22 @@ pub trait HasStatus: Versioned {
     fn started_at_column() -> Self::Column;
     /// The `finished_at` column, set when the status becomes terminal.
     fn finished_at_column() -> Self::Column;
+    /// How many needs of the row have not completed yet (0 for rows without needs). A row with
+    /// unmet needs cannot start running.
+    fn unmet_needs_of(_model: &Self::Model) -> i32 {
+        0
+    }
 }
 
 crate::versioned_entity!(entity::run, "run", status: RunStatus);
 crate::versioned_entity!(entity::run_epic, "run_epic", status: EpicStatus);
-crate::versioned_entity!(entity::run_story, "run_story", status: StoryStatus);
+crate::versioned_entity!(entity::run_story, "run_story", status: StoryStatus, needs: unmet_needs);
 
 /// Moves `current` to status `to` by compare-and-swap on the version it was read at.
 ///
-/// Rejects a change the lifecycle forbids with [`TransitionError::Illegal`] before touching the
-/// database. Sets `started_at` on entering running and `finished_at` on entering a terminal
+/// Rejects a change the lifecycle forbids with [`TransitionError::Illegal`], and the start of a
+/// story whose needs have not all completed with [`TransitionError::Waiting`], before touching
+/// the database. Sets `started_at` on entering running and `finished_at` on entering a terminal
 /// status (clearing it when a story goes back to pending).
 ///
 /// ```no_run
@@ -212,6 +220,19 @@ where
             id,
             from: from.as_str().to_owned(),
             to: to.as_str().to_owned(),
+        });
+    }
+    // SAFETY(order): a story starts only once every story it needs has completed. Its
+    // `unmet_needs` reaches 0 only in the transaction that completes the last of them, every
+    // change of the counter moves the version on, and completed is terminal: so a model whose
+    // version still matches at the compare-and-swap below has the counter the row has, and a 0
+    // there stays true.
+    let unmet = E::unmet_needs_of(current);
+    if to.is_running() && from == E::Status::INITIAL && unmet > 0 {
+        return Err(TransitionError::Waiting {
+            entity: E::NAME,
+            id,
+            unmet,
         });
     }
     crate::versioned::check_reserved(&extra)?;

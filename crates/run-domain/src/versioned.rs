@@ -108,6 +108,31 @@ macro_rules! versioned_entity {
             fn finished_at_column() -> Self::Column { $($module)::+::Column::FinishedAt }
         }
     };
+    ($($module:ident)::+, $name:literal, status: $status:ty, needs: $needs:ident) => {
+        impl $crate::Versioned for $($module)::+::Entity {
+            const NAME: &'static str = $name;
+            fn id_column() -> Self::Column { $($module)::+::Column::Id }
+            fn version_column() -> Self::Column { $($module)::+::Column::Version }
+            fn updated_at_column() -> Self::Column { $($module)::+::Column::UpdatedAt }
+            fn reserved_columns() -> Vec<(Self::Column, &'static str)> {
+                vec![
+                    ($($module)::+::Column::Status, "status changes go through run_domain::transition"),
+                    ($($module)::+::Column::UnmetNeeds, "needs are counted down by run_domain::needs"),
+                    ($($module)::+::Column::NeededBy, "needs are created by run_domain::needs"),
+                ]
+            }
+            fn id_of(model: &Self::Model) -> $crate::uuid::Uuid { model.id }
+            fn version_of(model: &Self::Model) -> i32 { model.version }
+        }
+        impl $crate::HasStatus for $($module)::+::Entity {
+            type Status = $status;
+            fn status_column() -> Self::Column { $($module)::+::Column::Status }
+            fn status_of(model: &Self::Model) -> &str { &model.status }
+            fn started_at_column() -> Self::Column { $($module)::+::Column::StartedAt }
+            fn finished_at_column() -> Self::Column { $($module)::+::Column::FinishedAt }
+            fn unmet_needs_of(model: &Self::Model) -> i32 { model.$needs }
+        }
+    };
 }
 
 /// The new values of a compare-and-swap update, column by column.

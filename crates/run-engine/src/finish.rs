@@ -10,8 +10,8 @@
 //! finishes the last epic, or by the cancellation itself when nothing was running).
 //!
 //! An epic starts (pending to running) with its first claimed story and finishes once every
-//! story of it is terminal: failed if any story failed, else cancelled if any was cancelled, else
-//! completed. A run does the same over its epics. Several workers may race to do either: each
+//! story of it is terminal: failed if any story failed or was skipped, else cancelled if any was
+//! cancelled, else completed. A run does the same over its epics. Several workers may race to do either: each
 //! re-reads and decides again on a conflict, and one that finds the work already done is
 //! content.
 
@@ -24,7 +24,8 @@ use run_domain::{
     transition_with,
 };
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, TransactionTrait,
+    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, TransactionSession,
+    TransactionTrait,
 };
 use uuid::Uuid;
 
@@ -150,16 +151,9 @@ where
         }
         // Every story is terminal, so the verdict can no longer change: its line may go in
         // before the epic's status, by whichever worker gets here.
-        let verdict = Verdict::of(counts.failed, counts.cancelled);
+        let verdict = Verdict::of(counts.failed + counts.skipped, counts.cancelled);
         let changes = if verdict == Verdict::Failed {
-            Changes::new().set(
-                run_epic::Column::Error,
-                Some(format!(
-                    "{} of {} stories failed",
-                    counts.failed,
-                    counts.total()
-                )),
-            )
+            Changes::new().set(run_epic::Column::Error, Some(failure_text(&counts)))
         } else {
             Changes::new()
         };
@@ -170,7 +164,7 @@ where
             format!("epic {} {}", epic.key, verdict.epic()),
         )
         .await?;
-        match transition_with::<run_epic::Entity, _>(db, &epic, verdict.epic(), changes).await {
+        match complete_epic(db, &epic, verdict.epic(), changes).await {
             Ok(epic) => Ok(Some(epic)),
             Err(TransitionError::Illegal { .. }) => Ok(None),
             // A conflict: `retry` reads again and decides again.
@@ -228,11 +222,7 @@ where
         let verdict = Verdict::of(failed, cancelled);
         let error = if verdict == Verdict::Failed {
             let counts = StoryCounts::of_run(db, run_id).await?;
-            Some(format!(
-                "{} of {} stories failed",
-                counts.failed,
-                counts.total()
-            ))
+            Some(failure_text(&counts))
         } else {
             None
         };
@@ -258,6 +248,43 @@ where
         }
     })
     .await
+}
+
+/// Why an epic or a run failed: `2 of 9 stories failed`, with `, 3 skipped` when some never
+/// started for want of a need.
+fn failure_text(counts: &StoryCounts) -> String {
+    match (counts.failed, counts.skipped) {
+        (0, skipped) => format!("{skipped} of {} stories skipped", counts.total()),
+        (failed, 0) => format!("{failed} of {} stories failed", counts.total()),
+        (failed, skipped) => format!(
+            "{failed} of {} stories failed, {skipped} skipped",
+            counts.total()
+        ),
+    }
+}
+
+/// Moves `epic` to its terminal status `to`. An epic that others need and that completed does
+/// so in one transaction with the count-down of their stories' unmet needs
+/// ([`run_domain::satisfy_epic`]), so they become claimable exactly when it commits.
+async fn complete_epic<C>(
+    db: &C,
+    epic: &run_epic::Model,
+    to: EpicStatus,
+    changes: Changes<run_epic::Entity>,
+) -> Result<run_epic::Model, TransitionError>
+where
+    C: ConnectionTrait + TransactionTrait,
+{
+    if to != EpicStatus::Completed || epic.needed_by == 0 {
+        return transition_with::<run_epic::Entity, _>(db, epic, to, changes).await;
+    }
+    let tx = db.begin().await.map_err(ConcurrencyError::from)?;
+    let done = transition_with::<run_epic::Entity, _>(&tx, epic, to, changes).await?;
+    run_domain::satisfy_epic(&tx, epic.id)
+        .await
+        .map_err(ConcurrencyError::from)?;
+    tx.commit().await.map_err(ConcurrencyError::from)?;
+    Ok(done)
 }
 
 /// The run's closing line: `run <key> <status>`, with its error when it has one.

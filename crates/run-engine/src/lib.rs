@@ -40,6 +40,7 @@ pub mod log_sink;
 pub mod plan;
 pub mod queries;
 pub mod shell;
+pub mod skip;
 pub mod status;
 
 pub use cancel::{CancelReport, cancel_leftovers, cancel_run};
@@ -59,7 +60,8 @@ pub use log_sink::{LogSink, LogSinkError};
 pub use plan::{Plan, PlanEpic, PlanError, PlanProblem, PlanStory, create_run_from_plan};
 pub use queries::{
     StoryCounts, epic_has_unfinished, expired_leases, pending_candidates, run_has_unfinished,
-    unfinished_stories,
+    unblocked_by, unfinished_stories,
 };
+pub use skip::{skip_blocked, skip_dependents};
 pub use shell::ShellHandler;
 pub use status::{EpicView, RunTree, RunView, StoryView, load_run_tree};

@@ -34,6 +34,8 @@ pub struct StoryCounts {
     pub failed: u64,
     /// Cancelled with their run.
     pub cancelled: u64,
+    /// Never started: a story they need failed, was cancelled or was skipped.
+    pub skipped: u64,
     /// In a status this crate does not know (counted as unfinished).
     pub unknown: u64,
 }
@@ -46,7 +48,7 @@ impl StoryCounts {
 
     /// Stories in a terminal status.
     pub fn finished(&self) -> u64 {
-        self.completed + self.failed + self.cancelled
+        self.completed + self.failed + self.cancelled + self.skipped
     }
 
     /// Stories not in a terminal status.
@@ -69,6 +71,7 @@ impl StoryCounts {
             Some(StoryStatus::Completed) => self.completed += n,
             Some(StoryStatus::Failed) => self.failed += n,
             Some(StoryStatus::Cancelled) => self.cancelled += n,
+            Some(StoryStatus::Skipped) => self.skipped += n,
             None => self.unknown += n,
         }
     }
@@ -115,7 +118,9 @@ impl StoryCounts {
     }
 }
 
-/// Up to `limit` pending stories of `run_id`, in position order.
+/// Up to `limit` pending stories of `run_id` whose needs have all completed, in position order:
+/// one look through the `(run_id, status, unmet_needs, position)` index, however many stories
+/// still wait.
 pub async fn pending_candidates<C: ConnectionTrait>(
     db: &C,
     run_id: Uuid,
@@ -124,6 +129,7 @@ pub async fn pending_candidates<C: ConnectionTrait>(
     Ok(run_story::Entity::find()
         .filter(run_story::Column::RunId.eq(run_id))
         .filter(run_story::Column::Status.eq(StoryStatus::Pending.as_str()))
+        .filter(run_story::Column::UnmetNeeds.eq(0))
         .order_by_asc(run_story::Column::Position)
         .order_by_asc(run_story::Column::Id)
         .limit(limit)
@@ -178,6 +184,24 @@ pub async fn epic_has_unfinished<C: ConnectionTrait>(db: &C, epic_id: Uuid) -> R
     Ok(one.is_some())
 }
 
+/// Whether some story of the run is in `status`: one look through the `(run_id, status)` index.
+pub async fn run_has_story_in<C: ConnectionTrait>(
+    db: &C,
+    run_id: Uuid,
+    status: StoryStatus,
+) -> Result<bool, DbErr> {
+    let one = run_story::Entity::find()
+        .select_only()
+        .column(run_story::Column::Id)
+        .filter(run_story::Column::RunId.eq(run_id))
+        .filter(run_story::Column::Status.eq(status.as_str()))
+        .limit(1)
+        .into_tuple::<Uuid>()
+        .one(db)
+        .await?;
+    Ok(one.is_some())
+}
+
 /// Whether any story of the run is still pending or running.
 pub async fn run_has_unfinished<C: ConnectionTrait>(db: &C, run_id: Uuid) -> Result<bool, DbErr> {
     let n = run_story::Entity::find()
@@ -196,6 +220,38 @@ pub async fn unfinished_stories<C: ConnectionTrait>(
     run_story::Entity::find()
         .filter(run_story::Column::RunId.eq(run_id))
         .filter(unfinished())
+        .all(db)
+        .await
+}
+
+/// The stories that completing `story` (and, when given, its epic) made claimable: pending,
+/// with no unmet need left, among those that need it. Read after the completion committed, so
+/// a worker can hand them to its own process's workers without waiting for the next poll.
+pub async fn unblocked_by<C: ConnectionTrait>(
+    db: &C,
+    story_id: Uuid,
+    epic_id: Option<Uuid>,
+) -> Result<Vec<run_story::Model>, DbErr> {
+    use entity::{run_epic_need, run_story_need};
+    use sea_orm::sea_query::{Condition, Query};
+    let direct = Query::select()
+        .column(run_story_need::Column::StoryId)
+        .from(run_story_need::Entity)
+        .and_where(run_story_need::Column::NeedsStoryId.eq(story_id))
+        .to_owned();
+    let mut which = Condition::any().add(run_story::Column::Id.in_subquery(direct));
+    if let Some(epic_id) = epic_id {
+        let through_epic = Query::select()
+            .column(run_epic_need::Column::EpicId)
+            .from(run_epic_need::Entity)
+            .and_where(run_epic_need::Column::NeedsEpicId.eq(epic_id))
+            .to_owned();
+        which = which.add(run_story::Column::EpicId.in_subquery(through_epic));
+    }
+    run_story::Entity::find()
+        .filter(which)
+        .filter(run_story::Column::Status.eq(StoryStatus::Pending.as_str()))
+        .filter(run_story::Column::UnmetNeeds.eq(0))
         .all(db)
         .await
 }

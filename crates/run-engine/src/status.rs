@@ -4,8 +4,8 @@
 use crate::error::EngineError;
 use crate::queries::StoryCounts;
 use chrono::{DateTime, SecondsFormat, Utc};
-use entity::{run, run_epic, run_story};
-use run_domain::{Lifecycle, StoryStatus};
+use entity::{run, run_epic, run_epic_need, run_story, run_story_need};
+use run_domain::{EpicStatus, Lifecycle, StoryStatus};
 use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder};
 use serde::Serialize;
 use std::collections::HashMap;
@@ -60,6 +60,8 @@ pub struct EpicView {
     pub error: Option<String>,
     /// Its stories by status.
     pub counts: StoryCounts,
+    /// The epics it needs (every story of each completes before any of its own starts).
+    pub needs: Vec<String>,
     /// Its stories, in position order.
     pub stories: Vec<StoryView>,
 }
@@ -87,8 +89,13 @@ pub struct StoryView {
     pub started_at: Option<String>,
     /// Finished at (RFC 3339).
     pub finished_at: Option<String>,
-    /// Its error text (of the last failed attempt).
+    /// Its error text (of the last failed attempt), or why it was skipped.
     pub error: Option<String>,
+    /// The stories it needs directly, as `epic.story` (its epic's needs are on the epic).
+    pub needs: Vec<String>,
+    /// While pending: the needs that have not completed yet, stories as `epic.story` and
+    /// epics (its epic's needs) by key.
+    pub waiting_on: Vec<String>,
 }
 
 /// A run with its epics and their stories.
@@ -100,7 +107,7 @@ pub struct RunTree {
     pub epics: Vec<EpicView>,
 }
 
-/// Reads a run with its epics and stories (three queries).
+/// Reads a run with its epics, stories and needs (five queries).
 ///
 /// ```no_run
 /// # async fn demo(db: &sea_orm::DatabaseConnection, run_id: uuid::Uuid) -> Result<(), run_engine::EngineError> {
@@ -126,13 +133,48 @@ pub async fn load_run_tree<C: ConnectionTrait>(
         .order_by_asc(run_story::Column::Position)
         .all(db)
         .await?;
+    let story_needs = run_story_need::Entity::find()
+        .filter(run_story_need::Column::RunId.eq(run_id))
+        .all(db)
+        .await?;
+    let epic_needs = run_epic_need::Entity::find()
+        .filter(run_epic_need::Column::RunId.eq(run_id))
+        .all(db)
+        .await?;
+    let epic_by_id: HashMap<Uuid, &run_epic::Model> = epics.iter().map(|e| (e.id, e)).collect();
+    let story_by_id: HashMap<Uuid, &run_story::Model> = stories.iter().map(|s| (s.id, s)).collect();
+    let story_name = |id: Uuid| {
+        story_by_id.get(&id).map(|s| {
+            let epic = epic_by_id.get(&s.epic_id).map_or("?", |e| e.key.as_str());
+            (format!("{epic}.{}", s.key), s.status == StoryStatus::Completed.as_str())
+        })
+    };
+    let mut needs_of_story: HashMap<Uuid, Vec<(String, bool)>> = HashMap::new();
+    for n in &story_needs {
+        if let Some(named) = story_name(n.needs_story_id) {
+            needs_of_story.entry(n.story_id).or_default().push(named);
+        }
+    }
+    let mut needs_of_epic: HashMap<Uuid, Vec<(String, bool)>> = HashMap::new();
+    for n in &epic_needs {
+        if let Some(e) = epic_by_id.get(&n.needs_epic_id) {
+            let done = e.status == EpicStatus::Completed.as_str();
+            needs_of_epic
+                .entry(n.epic_id)
+                .or_default()
+                .push((e.key.clone(), done));
+        }
+    }
+    for list in needs_of_story.values_mut().chain(needs_of_epic.values_mut()) {
+        list.sort();
+    }
     let mut by_epic: HashMap<Uuid, Vec<run_story::Model>> = HashMap::new();
-    for s in stories {
-        by_epic.entry(s.epic_id).or_default().push(s);
+    for s in stories.iter() {
+        by_epic.entry(s.epic_id).or_default().push(s.clone());
     }
     let mut all = StoryCounts::default();
     let epics: Vec<EpicView> = epics
-        .into_iter()
+        .iter()
         .map(|e| {
             let stories = by_epic.remove(&e.id).unwrap_or_default();
             let counts = StoryCounts::of_stories(&stories);
@@ -141,29 +183,46 @@ pub async fn load_run_tree<C: ConnectionTrait>(
             all.completed += counts.completed;
             all.failed += counts.failed;
             all.cancelled += counts.cancelled;
+            all.skipped += counts.skipped;
             all.unknown += counts.unknown;
+            let epic_needs = needs_of_epic.get(&e.id).cloned().unwrap_or_default();
             EpicView {
-                key: e.key,
-                title: e.title,
-                status: e.status,
+                key: e.key.clone(),
+                title: e.title.clone(),
+                status: e.status.clone(),
                 started_at: ts(e.started_at),
                 finished_at: ts(e.finished_at),
-                error: e.error,
+                error: e.error.clone(),
                 counts,
+                needs: epic_needs.iter().map(|(k, _)| k.clone()).collect(),
                 stories: stories
                     .into_iter()
-                    .map(|s| StoryView {
-                        key: s.key,
-                        title: s.title,
-                        status: s.status,
-                        attempts: s.attempts,
-                        max_attempts: s.max_attempts,
-                        command: s.command,
-                        lease_owner: s.lease_owner,
-                        lease_expires_at: ts(s.lease_expires_at),
-                        started_at: ts(s.started_at),
-                        finished_at: ts(s.finished_at),
-                        error: s.error,
+                    .map(|s| {
+                        let own = needs_of_story.get(&s.id).cloned().unwrap_or_default();
+                        let waiting_on = if s.status == StoryStatus::Pending.as_str() {
+                            own.iter()
+                                .chain(epic_needs.iter())
+                                .filter(|(_, done)| !done)
+                                .map(|(name, _)| name.clone())
+                                .collect()
+                        } else {
+                            Vec::new()
+                        };
+                        StoryView {
+                            key: s.key,
+                            title: s.title,
+                            status: s.status,
+                            attempts: s.attempts,
+                            max_attempts: s.max_attempts,
+                            command: s.command,
+                            lease_owner: s.lease_owner,
+                            lease_expires_at: ts(s.lease_expires_at),
+                            started_at: ts(s.started_at),
+                            finished_at: ts(s.finished_at),
+                            error: s.error,
+                            needs: own.into_iter().map(|(name, _)| name).collect(),
+                            waiting_on,
+                        }
                     })
                     .collect(),
             }
@@ -200,6 +259,7 @@ fn counts_line(c: &StoryCounts) -> String {
         (c.completed, "completed"),
         (c.failed, "failed"),
         (c.cancelled, "cancelled"),
+        (c.skipped, "skipped"),
         (c.running, "running"),
         (c.pending, "pending"),
         (c.unknown, "unknown"),
@@ -248,9 +308,14 @@ impl RunTree {
             } else {
                 ("├─", "│  ")
             };
+            let needs = if e.needs.is_empty() {
+                String::new()
+            } else {
+                format!(", needs {}", e.needs.join(", "))
+            };
             let _ = writeln!(
                 out,
-                "{branch} {} {:?}: {}, {}/{} ({})",
+                "{branch} {} {:?}: {}, {}/{} ({}){needs}",
                 e.key,
                 e.title,
                 e.status,
@@ -273,6 +338,9 @@ impl RunTree {
                 {
                     details.push(format!("on {owner}"));
                 }
+                if !s.waiting_on.is_empty() {
+                    details.push(format!("waiting on {}", s.waiting_on.join(", ")));
+                }
                 let _ = writeln!(
                     out,
                     "{stem}{twig} {}: {} ({})",
@@ -281,7 +349,12 @@ impl RunTree {
                     details.join(", ")
                 );
                 if let Some(error) = &s.error {
-                    let _ = writeln!(out, "{stem}   error: {error}");
+                    let label = if s.status == StoryStatus::Skipped.as_str() {
+                        "skipped"
+                    } else {
+                        "error"
+                    };
+                    let _ = writeln!(out, "{stem}   {label}: {error}");
                 }
             }
         }

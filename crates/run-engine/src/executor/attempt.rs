@@ -164,9 +164,11 @@ impl Execution {
     /// story of the epic (it looks when it is done).
     pub(super) async fn after_recorded(&self, finished: Option<run_story::Model>, held: Held<'_>) {
         let others_hold_the_epic = held.release();
-        if let Some(story) = finished
-            && !others_hold_the_epic
-        {
+        let Some(story) = finished else {
+            return;
+        };
+        self.follow_needs(&story).await;
+        if !others_hold_the_epic {
             self.after_story_finished(&story).await;
         }
     }

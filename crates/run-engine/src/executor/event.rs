@@ -139,6 +139,9 @@ impl fmt::Display for Summary {
             c.failed,
             c.cancelled
         )?;
+        if c.skipped > 0 {
+            write!(f, ", {} skipped", c.skipped)?;
+        }
         if c.pending + c.running > 0 {
             write!(f, ", {} pending, {} running", c.pending, c.running)?;
         }

@@ -127,6 +127,12 @@ pub(super) struct Execution {
     pub(super) candidates: tokio::sync::Mutex<Candidates>,
     /// How many stories of each epic this process's workers hold (claimed, not yet recorded).
     pub(super) held_per_epic: Mutex<HashMap<Uuid, usize>>,
+    /// Wakes idle workers when stories were handed to the queue (a need completed here).
+    pub(super) wake: tokio::sync::Notify,
+    /// When this process last looked for stories a failure elsewhere left waiting.
+    pub(super) last_sweep: Mutex<Option<std::time::Instant>>,
+    /// The plan asked to cancel the run on the first story that fails for good.
+    pub(super) fail_fast: bool,
 }
 
 /// A story of `epic` held by a worker of this process, counted in `held_per_epic` until

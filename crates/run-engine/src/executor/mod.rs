@@ -227,6 +227,9 @@ impl Executor {
             log: LogSink::start_with_retry(db.clone(), run_id, "", self.inner.config.budget()),
             candidates: tokio::sync::Mutex::new(Candidates::default()),
             held_per_epic: Mutex::new(HashMap::new()),
+            wake: tokio::sync::Notify::new(),
+            last_sweep: Mutex::new(None),
+            fail_fast: run.fail_fast,
         });
 
         let mut first_error = None;

@@ -7,7 +7,7 @@ use super::event::ExecutorEvent;
 use super::execution::Execution;
 use crate::error::EngineError;
 use crate::lease::{Claim, Lease, TryClaim, claimed_by, try_claim};
-use crate::queries::{expired_leases, pending_candidates, run_has_unfinished};
+use crate::queries::{expired_leases, pending_candidates, run_has_story_in};
 use chrono::Utc;
 use entity::run_story;
 use run_domain::retry::{Schedule, TransientPolicy, backoff};
@@ -31,9 +31,17 @@ impl Execution {
                 return Ok(());
             }
             let step = match self.claim_next(&lease).await {
-                Ok(Step::Idle) => match self.has_unfinished().await {
-                    Ok(false) => return Ok(()),
-                    Ok(true) => Ok(Step::Idle),
+                Ok(Step::Idle) => match self.idle_look().await {
+                    Ok((false, false)) => return Ok(()),
+                    Ok((_, running)) => {
+                        if !running {
+                            // Stories wait and none runs: a need may have failed in a process
+                            // that died before skipping its dependents, or an epic may be done
+                            // that nobody finished.
+                            self.sweep().await;
+                        }
+                        Ok(Step::Idle)
+                    }
                     Err(e) => Err(e),
                 },
                 other => other,
@@ -57,6 +65,7 @@ impl Execution {
                         _ = tokio::time::sleep(wait) => {}
                         _ = shutdown.changed() => {}
                         _ = run_status.changed() => {}
+                        _ = self.wake.notified() => {}
                     }
                 }
                 Err(e) => {
@@ -90,8 +99,13 @@ impl Execution {
             }
         }
     }
-    pub(super) async fn has_unfinished(&self) -> Result<bool, EngineError> {
-        Ok(run_has_unfinished(self.db(), self.run_id).await?)
+    /// Whether the run has pending stories and running ones: two indexed looks, asked when a
+    /// worker found nothing to claim.
+    pub(super) async fn idle_look(&self) -> Result<(bool, bool), EngineError> {
+        let db = self.db();
+        let pending = run_has_story_in(db, self.run_id, StoryStatus::Pending).await?;
+        let running = run_has_story_in(db, self.run_id, StoryStatus::Running).await?;
+        Ok((pending, running))
     }
     pub(super) async fn claim_next(&self, lease: &Lease) -> Result<Step, EngineError> {
         let db = self.db();
@@ -192,6 +206,7 @@ impl Execution {
             error: story.error.clone(),
             worker: String::new(),
         });
+        self.follow_needs(&story).await;
         self.after_story_finished(&story).await;
     }
 }

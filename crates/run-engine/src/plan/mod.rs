@@ -217,6 +217,7 @@ where
         NewRun {
             key: plan.name.clone(),
             title: plan.title.clone(),
+            fail_fast: false,
         },
     )
     .await?;
