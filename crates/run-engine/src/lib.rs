@@ -56,6 +56,8 @@ pub use lease::{Claim, Lease, Release, TryClaim};
 pub use lease::{claimed_by, released_by, still_held};
 pub use lease::{give_back, release, renew_lease, try_claim};
 pub use log_sink::{LogSink, LogSinkError};
+/// [`plan::StoryRef`] under another name: [`StoryRef`] is the executor's.
+pub use plan::StoryRef as PlanStoryRef;
 pub use plan::{Plan, PlanEpic, PlanError, PlanProblem, PlanStory, create_run_from_plan};
 pub use queries::{
     StoryCounts, epic_has_unfinished, expired_leases, pending_candidates, run_has_unfinished,
