@@ -16,6 +16,7 @@
 //! - [`queries`]: what the engine asks of the database, each question once ([`StoryCounts`],
 //!   candidates, expired leases, unfinished stories).
 //! - [`status`]: progress and the run/epic/story tree ([`RunTree`]).
+//! - [`graph`]: a plan or run as a graph of needs, drawn as DOT or Mermaid ([`Graph`]).
 //!
 //! ```no_run
 //! use run_engine::{Executor, ExecutorConfig, Plan, ShellHandler, create_run_from_plan};
@@ -34,6 +35,7 @@ pub mod cancel;
 pub mod error;
 pub mod executor;
 pub mod finish;
+pub mod graph;
 pub mod handler;
 pub mod lease;
 pub mod log_sink;
@@ -52,11 +54,14 @@ pub use executor::{
 pub use finish::{
     closing_line_batch, finish_epic_if_done, finish_run_if_done, settle_run, start_epic, start_run,
 };
+pub use graph::{Graph, GraphEpic, GraphFormat, GraphStory, UnknownGraphFormat};
 pub use handler::{CancelHandle, Cancellation, StoryContext, StoryHandler, StoryOutcome};
 pub use lease::{Claim, Lease, Release, TryClaim};
 pub use lease::{claimed_by, released_by, still_held};
 pub use lease::{give_back, release, renew_lease, try_claim};
 pub use log_sink::{LogSink, LogSinkError};
+/// [`plan::StoryRef`] under another name: [`StoryRef`] is the executor's.
+pub use plan::StoryRef as PlanStoryRef;
 pub use plan::{Plan, PlanEpic, PlanError, PlanProblem, PlanStory, create_run_from_plan};
 pub use queries::{
     StoryCounts, epic_has_unfinished, expired_leases, pending_candidates, run_has_unfinished,

@@ -3,6 +3,7 @@
 //! ```toml
 //! name = "example"
 //! title = "Example plan"      # optional, defaults to the name
+//! fail_fast = true            # optional, default false: stop at the first failed story
 //!
 //! [[epics]]
 //! key = "build"
@@ -13,11 +14,39 @@
 //! title = "Compile"           # optional, defaults to the key
 //! command = "echo compiling && sleep 0.2"
 //! max_attempts = 2            # optional, default 1
+//!
+//! [[epics]]
+//! key = "test"
+//! needs = ["build"]           # optional: every story of epic "build" completes first
+//!
+//! [[epics.stories]]
+//! key = "lint"
+//! command = "echo linting"
+//!
+//! [[epics.stories]]
+//! key = "unit"
+//! command = "echo testing"
+//! needs = ["lint", "build.compile"]   # optional: stories that complete first
 //! ```
+//!
+//! A story's `needs` entry `n` names story `n` of the story's own epic when there is one;
+//! otherwise `epic.story`: `n` is split at each `.` from the left, and the first split whose
+//! left part is an epic key and whose right part a story key of that epic names the story.
+//! Anything else is unknown. Needs are checked all at once: unknown names, an epic or story
+//! that needs itself, the same need twice in one list (also spelled two ways, `unit` and
+//! `test.unit`), and every cycle (one problem per set of needs that wait on each other,
+//! spelled in the direction of "needs": `test.unit -> test.lint -> test.unit`; a step
+//! through an epic's needs is written as the epic key, `build.compile -> test.unit -> build
+//! -> build.compile`). Needs that name nothing are left out of the cycle check, which still
+//! runs.
 //!
 //! Every problem is reported with the file, the line and column, and the field it is about
 //! (`epics[0].stories[2].command`), all problems of a file at once.
 
+mod needs;
+#[cfg(test)]
+mod needs_tests;
+mod scc;
 mod validate;
 
 use crate::error::EngineError;
@@ -38,6 +67,8 @@ pub struct Plan {
     pub name: String,
     /// The run's title.
     pub title: String,
+    /// Stop the run at the first story that fails all its attempts (default false).
+    pub fail_fast: bool,
     /// The epics, in file order (at least one).
     pub epics: Vec<PlanEpic>,
 }
@@ -49,6 +80,9 @@ pub struct PlanEpic {
     pub key: String,
     /// Title.
     pub title: String,
+    /// The keys of the epics whose stories must all complete before this epic's stories
+    /// start, in file order (each an epic of the plan, not this one, at most once).
+    pub needs: Vec<String>,
     /// The stories, in file order (at least one).
     pub stories: Vec<PlanStory>,
 }
@@ -64,6 +98,25 @@ pub struct PlanStory {
     pub command: String,
     /// Most attempts allowed (1 to 100).
     pub max_attempts: i32,
+    /// The stories that must complete before this one starts, resolved, in file order (each
+    /// a story of the plan, not this one, at most once).
+    pub needs: Vec<StoryRef>,
+}
+
+/// A story named by its epic's key and its own key, as a resolved `needs` entry; shown as
+/// `epic.story`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct StoryRef {
+    /// The epic's key.
+    pub epic: String,
+    /// The story's key within that epic.
+    pub story: String,
+}
+
+impl fmt::Display for StoryRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.epic, self.story)
+    }
 }
 
 /// One thing wrong with a plan file, and where.

@@ -1,5 +1,6 @@
 //! Checking a plan: every problem at once, each with its line, column and field.
 
+use super::needs::{RawNeeds, check_needs};
 use super::{Plan, PlanEpic, PlanProblem, PlanStory};
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -21,6 +22,8 @@ pub(super) struct RawPlan {
     name: Spanned<String>,
     title: Option<Spanned<String>>,
     #[serde(default)]
+    fail_fast: bool,
+    #[serde(default)]
     epics: Vec<RawEpic>,
 }
 
@@ -29,6 +32,7 @@ pub(super) struct RawPlan {
 pub(super) struct RawEpic {
     key: Spanned<String>,
     title: Option<Spanned<String>>,
+    needs: Option<Vec<Spanned<String>>>,
     #[serde(default)]
     stories: Vec<RawStory>,
 }
@@ -40,6 +44,7 @@ pub(super) struct RawStory {
     title: Option<Spanned<String>>,
     command: Option<Spanned<String>>,
     max_attempts: Option<Spanned<i64>>,
+    needs: Option<Vec<Spanned<String>>>,
 }
 
 /// The 1-based line and column of byte `offset` in `text`.
@@ -223,6 +228,7 @@ pub(super) fn validate(text: &str, raw: RawPlan, problems: &mut Vec<PlanProblem>
     }
     let mut epic_lines: HashMap<String, usize> = HashMap::new();
     let mut epics = Vec::with_capacity(raw.epics.len());
+    let mut needs = Vec::with_capacity(raw.epics.len());
     for (i, epic) in raw.epics.into_iter().enumerate() {
         let field = format!("epics[{i}]");
         let key_field = format!("{field}.key");
@@ -250,6 +256,7 @@ pub(super) fn validate(text: &str, raw: RawPlan, problems: &mut Vec<PlanProblem>
         }
         let mut story_lines: HashMap<String, usize> = HashMap::new();
         let mut stories = Vec::with_capacity(epic.stories.len());
+        let mut story_needs = Vec::with_capacity(epic.stories.len());
         for (j, story) in epic.stories.into_iter().enumerate() {
             let sfield = format!("{field}.stories[{j}]");
             let skey_field = format!("{sfield}.key");
@@ -325,19 +332,32 @@ pub(super) fn validate(text: &str, raw: RawPlan, problems: &mut Vec<PlanProblem>
                     1
                 }
             };
+            story_needs.push(story.needs.unwrap_or_default());
             stories.push(PlanStory {
                 key: skey,
                 title: stitle,
                 command,
                 max_attempts,
+                needs: Vec::new(),
             });
         }
+        needs.push(RawNeeds {
+            epic: epic.needs.unwrap_or_default(),
+            stories: story_needs,
+        });
         epics.push(PlanEpic {
             key,
             title,
+            needs: Vec::new(),
             stories,
         });
     }
+    check_needs(text, &mut epics, needs, problems);
     problems.sort_by_key(|p| (p.line.unwrap_or(0), p.column.unwrap_or(0)));
-    Plan { name, title, epics }
+    Plan {
+        name,
+        title,
+        fail_fast: raw.fail_fast,
+        epics,
+    }
 }
