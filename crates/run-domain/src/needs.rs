@@ -111,8 +111,11 @@ where
         .table(story.clone())
         .value(
             run_story::Column::UnmetNeeds,
-            count("run_story_need", "story_id", story_id())
-                .add(count("run_epic_need", "epic_id", epic_id())),
+            count("run_story_need", "story_id", story_id()).add(count(
+                "run_epic_need",
+                "epic_id",
+                epic_id(),
+            )),
         )
         .value(
             run_story::Column::NeededBy,

@@ -211,6 +211,47 @@ impl Graph {
         }
     }
 
+    /// The graph of a run as read from the database, each epic and story with its status now.
+    pub fn from_run_tree(tree: &crate::status::RunTree) -> Graph {
+        // `epic.story` back into its parts: the split whose epic has that story (keys may hold
+        // dots).
+        let resolve = |name: &str| -> Option<StoryRef> {
+            name.match_indices('.').find_map(|(i, _)| {
+                let (epic, story) = (name.get(..i)?, name.get(i + 1..)?);
+                tree.epics
+                    .iter()
+                    .any(|e| e.key == epic && e.stories.iter().any(|s| s.key == story))
+                    .then(|| StoryRef {
+                        epic: epic.to_owned(),
+                        story: story.to_owned(),
+                    })
+            })
+        };
+        Graph {
+            title: tree.run.title.clone(),
+            epics: tree
+                .epics
+                .iter()
+                .map(|e| GraphEpic {
+                    key: e.key.clone(),
+                    title: e.title.clone(),
+                    status: Some(e.status.clone()),
+                    needs: e.needs.clone(),
+                    stories: e
+                        .stories
+                        .iter()
+                        .map(|s| GraphStory {
+                            key: s.key.clone(),
+                            title: s.title.clone(),
+                            status: Some(s.status.clone()),
+                            needs: s.needs.iter().filter_map(|n| resolve(n)).collect(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+
     /// The graph drawn in `format`.
     pub fn render(&self, format: GraphFormat) -> String {
         match format {

@@ -67,6 +67,6 @@ pub use queries::{
     StoryCounts, epic_has_unfinished, expired_leases, pending_candidates, run_has_unfinished,
     unblocked_by, unfinished_stories,
 };
-pub use skip::{skip_blocked, skip_dependents};
 pub use shell::ShellHandler;
+pub use skip::{skip_blocked, skip_dependents};
 pub use status::{EpicView, RunTree, RunView, StoryView, load_run_tree};

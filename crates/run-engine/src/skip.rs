@@ -96,8 +96,7 @@ where
                 .and_where(run_epic_need::Column::NeedsEpicId.eq(story.epic_id))
                 .to_owned();
             let error = format!("needs {}, where {name} {what}", epic_key(story.epic_id));
-            for d in pending_where(db, run_story::Column::EpicId.in_subquery(through_epic)).await?
-            {
+            for d in pending_where(db, run_story::Column::EpicId.in_subquery(through_epic)).await? {
                 waiting.push((d, error.clone()));
             }
         }

@@ -146,7 +146,10 @@ pub async fn load_run_tree<C: ConnectionTrait>(
     let story_name = |id: Uuid| {
         story_by_id.get(&id).map(|s| {
             let epic = epic_by_id.get(&s.epic_id).map_or("?", |e| e.key.as_str());
-            (format!("{epic}.{}", s.key), s.status == StoryStatus::Completed.as_str())
+            (
+                format!("{epic}.{}", s.key),
+                s.status == StoryStatus::Completed.as_str(),
+            )
         })
     };
     let mut needs_of_story: HashMap<Uuid, Vec<(String, bool)>> = HashMap::new();
@@ -165,7 +168,10 @@ pub async fn load_run_tree<C: ConnectionTrait>(
                 .push((e.key.clone(), done));
         }
     }
-    for list in needs_of_story.values_mut().chain(needs_of_epic.values_mut()) {
+    for list in needs_of_story
+        .values_mut()
+        .chain(needs_of_epic.values_mut())
+    {
         list.sort();
     }
     let mut by_epic: HashMap<Uuid, Vec<run_story::Model>> = HashMap::new();

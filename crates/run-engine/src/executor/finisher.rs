@@ -31,7 +31,9 @@ impl Execution {
                     .await;
                 match ready {
                     Ok(ready) => self.hand_over(ready).await,
-                    Err(e) => self.warn(format!("could not read what {} unblocked: {e}", story.key)),
+                    Err(e) => {
+                        self.warn(format!("could not read what {} unblocked: {e}", story.key))
+                    }
                 }
             }
             Some(status @ (StoryStatus::Failed | StoryStatus::Cancelled)) => {
@@ -79,7 +81,9 @@ impl Execution {
         let skipped = match skipped {
             Ok(skipped) => skipped,
             Err(e) => {
-                self.warn(format!("could not skip the stories a failure left waiting: {e}"));
+                self.warn(format!(
+                    "could not skip the stories a failure left waiting: {e}"
+                ));
                 return;
             }
         };
@@ -131,7 +135,9 @@ impl Execution {
             self.warn(e.to_string());
         }
         let (settled, _) = self
-            .retrying("finishing epics that are done", || settle_run(db, self.run_id))
+            .retrying("finishing epics that are done", || {
+                settle_run(db, self.run_id)
+            })
             .await;
         if let Err(e) = settled {
             self.warn(format!("could not finish the run's epics: {e}"));
@@ -200,7 +206,10 @@ impl Execution {
                 .await;
             match ready {
                 Ok(ready) => self.hand_over(ready).await,
-                Err(e) => self.warn(format!("could not read what epic {} unblocked: {e}", epic.key)),
+                Err(e) => self.warn(format!(
+                    "could not read what epic {} unblocked: {e}",
+                    epic.key
+                )),
             }
         }
         let (finished, failed_tries) = self

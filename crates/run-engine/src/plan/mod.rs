@@ -51,13 +51,18 @@ mod validate;
 
 use crate::error::EngineError;
 use entity::run;
-use run_domain::{NewEpic, NewRun, NewStory, create_epic, create_run, create_stories};
+use run_domain::{
+    EpicNeed, NewEpic, NewRun, NewStory, StoryNeed, create_epic, create_needs, create_run,
+    create_stories,
+};
 use sea_orm::{
     AccessMode, ConnectionTrait, DbBackend, SqliteTransactionMode, TransactionOptions,
     TransactionSession, TransactionTrait,
 };
+use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use uuid::Uuid;
 use validate::{RawPlan, problem_from_toml, validate};
 
 /// A validated plan: a run's name and title, its epics, and their stories, in file order.
@@ -270,10 +275,12 @@ where
         NewRun {
             key: plan.name.clone(),
             title: plan.title.clone(),
-            fail_fast: false,
+            fail_fast: plan.fail_fast,
         },
     )
     .await?;
+    let mut epic_ids: HashMap<&str, Uuid> = HashMap::new();
+    let mut story_ids: HashMap<(&str, &str), Uuid> = HashMap::new();
     for (i, epic) in plan.epics.iter().enumerate() {
         let created = create_epic(
             &tx,
@@ -297,8 +304,37 @@ where
                 max_attempts: s.max_attempts,
             })
             .collect();
-        create_stories(&tx, &created, stories).await?;
+        let ids = create_stories(&tx, &created, stories).await?;
+        epic_ids.entry(epic.key.as_str()).or_insert(created.id);
+        for (story, id) in epic.stories.iter().zip(ids) {
+            story_ids
+                .entry((epic.key.as_str(), story.key.as_str()))
+                .or_insert(id);
+        }
     }
+    // In the same transaction: no executor sees a story before its needs.
+    let mut story_needs = Vec::new();
+    let mut epic_needs = Vec::new();
+    for epic in &plan.epics {
+        for need in &epic.needs {
+            if let (Some(&e), Some(&n)) =
+                (epic_ids.get(epic.key.as_str()), epic_ids.get(need.as_str()))
+            {
+                epic_needs.push(EpicNeed { epic: e, needs: n });
+            }
+        }
+        for story in &epic.stories {
+            let Some(&s) = story_ids.get(&(epic.key.as_str(), story.key.as_str())) else {
+                continue;
+            };
+            for need in &story.needs {
+                if let Some(&n) = story_ids.get(&(need.epic.as_str(), need.story.as_str())) {
+                    story_needs.push(StoryNeed { story: s, needs: n });
+                }
+            }
+        }
+    }
+    create_needs(&tx, run.id, &story_needs, &epic_needs).await?;
     tx.commit().await?;
     Ok(run)
 }

@@ -17,7 +17,9 @@ use connect::render_error;
 use connect::scrub_password;
 use execute::execute;
 use logs::logs;
-use run_engine::{Plan, cancel_run, create_run_from_plan, load_run_tree};
+use run_engine::{
+    Graph, GraphFormat, Plan, cancel_run, create_run_from_plan, load_run_tree,
+};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -96,6 +98,14 @@ enum Command {
         /// The run's id
         run_id: Uuid,
     },
+    /// Print the graph of what needs what: of a plan file, or of a run with each story's status
+    Graph {
+        /// A plan file (TOML), or a run's id
+        source: String,
+        /// Output format: `dot` (Graphviz: `| dot -Tsvg > graph.svg`) or `mermaid`
+        #[arg(long, default_value = "dot")]
+        format: GraphFormat,
+    },
 }
 
 #[derive(Args)]
@@ -169,6 +179,17 @@ async fn run(command: Command, url: &str) -> Result<ExitCode> {
         Command::Logs { run_id, follow } => {
             let db = open(url).await?;
             logs(&db, run_id, follow).await
+        }
+        Command::Graph { source, format } => {
+            let graph = match Uuid::parse_str(&source) {
+                Ok(run_id) if !std::path::Path::new(&source).exists() => {
+                    let db = open(url).await?;
+                    Graph::from_run_tree(&load_run_tree(&db, run_id).await?)
+                }
+                _ => Graph::from_plan(&load_plan(std::path::Path::new(&source))?),
+            };
+            print!("{}", graph.render(format));
+            Ok(ExitCode::SUCCESS)
         }
         Command::Cancel { run_id } => {
             let db = open(url).await?;
