@@ -79,13 +79,14 @@ pub enum TransitionError {
     },
     /// A story cannot start yet: some story it needs (directly or through its epic) has not
     /// completed. Nothing was sent to the database.
-    #[error("{entity} {id} waits for {unmet} more need(s) to complete")]
+    #[error("{entity} {id} cannot start yet: a story it needs has not completed")]
     Waiting {
         /// Which kind of row.
         entity: &'static str,
         /// The row's id.
         id: Uuid,
-        /// How many of its needs have not completed, as read.
+        /// How many of its needs had not completed in the model given (0 when the model said
+        /// none but the row in the database disagreed).
         unmet: i32,
     },
     /// The compare-and-swap failed (stale version, missing row, database error).

@@ -4,7 +4,7 @@
 //! table before it touches the database, then applies the change by compare-and-swap, so an
 //! illegal change never reaches the database and a stale one never overwrites a newer state.
 
-use crate::error::TransitionError;
+use crate::error::{ConcurrencyError, TransitionError};
 use crate::versioned::{Changes, Versioned};
 use chrono::Utc;
 use sea_orm::{ConnectionTrait, TransactionTrait};
@@ -159,6 +159,10 @@ pub trait HasStatus: Versioned {
     fn unmet_needs_of(_model: &Self::Model) -> i32 {
         0
     }
+    /// The column that counts unmet needs, for entities that have needs.
+    fn unmet_needs_column() -> Option<Self::Column> {
+        None
+    }
 }
 
 crate::versioned_entity!(entity::run, "run", status: RunStatus);
@@ -227,8 +231,11 @@ where
     // change of the counter moves the version on, and completed is terminal: so a model whose
     // version still matches at the compare-and-swap below has the counter the row has, and a 0
     // there stays true.
+    // The same condition is also part of the statement, so that a model whose counter was
+    // changed by its caller cannot start a story that still waits.
     let unmet = E::unmet_needs_of(current);
-    if to.is_running() && from == E::Status::INITIAL && unmet > 0 {
+    let starting = to.is_running() && from == E::Status::INITIAL;
+    if starting && unmet > 0 {
         return Err(TransitionError::Waiting {
             entity: E::NAME,
             id,
@@ -236,6 +243,7 @@ where
         });
     }
     crate::versioned::check_reserved(&extra)?;
+    let guard = E::unmet_needs_column().filter(|_| starting);
     let now = Utc::now();
     let mut changes = Changes::<E>::new();
     // The status column is reserved in `Changes`; this is the one place that sets it.
@@ -251,6 +259,23 @@ where
     } else if from.is_running() && !to.is_running() {
         changes = changes.set(E::finished_at_column(), None::<chrono::DateTime<Utc>>);
     }
-    let changes = changes.merge(extra);
-    Ok(crate::versioned::compare_and_swap::<E, C>(db, id, E::version_of(current), changes).await?)
+    let mut changes = changes.merge(extra);
+    if let Some(column) = guard {
+        changes
+            .guards
+            .push(sea_orm::sea_query::ExprTrait::eq(sea_orm::sea_query::Expr::col(column), 0));
+    }
+    let expected = E::version_of(current);
+    match crate::versioned::compare_and_swap::<E, C>(db, id, expected, changes).await {
+        Ok(model) => Ok(model),
+        // The version matched but the guard did not: the row still waits for a need.
+        Err(ConcurrencyError::Conflict { actual, .. }) if guard.is_some() && actual == expected => {
+            Err(TransitionError::Waiting {
+                entity: E::NAME,
+                id,
+                unmet,
+            })
+        }
+        Err(e) => Err(e.into()),
+    }
 }

@@ -131,6 +131,9 @@ macro_rules! versioned_entity {
             fn started_at_column() -> Self::Column { $($module)::+::Column::StartedAt }
             fn finished_at_column() -> Self::Column { $($module)::+::Column::FinishedAt }
             fn unmet_needs_of(model: &Self::Model) -> i32 { model.$needs }
+            fn unmet_needs_column() -> Option<Self::Column> {
+                Some($($module)::+::Column::UnmetNeeds)
+            }
         }
     };
 }
@@ -149,11 +152,17 @@ macro_rules! versioned_entity {
 #[derive(Debug, Clone)]
 pub struct Changes<E: EntityTrait> {
     pub(crate) sets: Vec<(E::Column, SimpleExpr)>,
+    /// Conditions the row must meet besides its version, checked in the same statement (set
+    /// only inside this crate: a story starts only while `unmet_needs = 0`).
+    pub(crate) guards: Vec<SimpleExpr>,
 }
 
 impl<E: EntityTrait> Default for Changes<E> {
     fn default() -> Self {
-        Self { sets: Vec::new() }
+        Self {
+            sets: Vec::new(),
+            guards: Vec::new(),
+        }
     }
 }
 
@@ -179,6 +188,7 @@ impl<E: EntityTrait> Changes<E> {
     /// Adds every change of `other` after these.
     pub fn merge(mut self, other: Changes<E>) -> Self {
         self.sets.extend(other.sets);
+        self.guards.extend(other.guards);
         self
     }
 
@@ -327,6 +337,7 @@ where
         .col_expr(version, Expr::col(version.into_iden()).add(1))
         .col_expr(E::updated_at_column(), Expr::val(Utc::now()));
     // A column set twice keeps its last value (SQL refuses two assignments to one column).
+    let guards = changes.guards;
     let mut sets: Vec<(E::Column, SimpleExpr)> = Vec::with_capacity(changes.sets.len());
     for (column, expr) in changes.sets {
         match sets.iter_mut().find(|(c, _)| c.as_str() == column.as_str()) {
@@ -340,9 +351,12 @@ where
     // SAFETY(atomicity): the version test and the write are one UPDATE statement, so two
     // writers holding the same version cannot both match: the second re-checks the row
     // after the first commits (row lock on PostgreSQL/MariaDB, one writer on SQLite).
-    let update = update
+    let mut update = update
         .filter(E::id_column().eq(id))
         .filter(version.eq(expected));
+    for guard in guards {
+        update = update.filter(guard);
+    }
     let written = match db.get_database_backend() {
         DbBackend::MySql => {
             // MariaDB has no UPDATE ... RETURNING: read back inside one transaction, whose
