@@ -261,9 +261,10 @@ where
     }
     let mut changes = changes.merge(extra);
     if let Some(column) = guard {
-        changes
-            .guards
-            .push(sea_orm::sea_query::ExprTrait::eq(sea_orm::sea_query::Expr::col(column), 0));
+        changes.guards.push(sea_orm::sea_query::ExprTrait::eq(
+            sea_orm::sea_query::Expr::col(column),
+            0,
+        ));
     }
     let expected = E::version_of(current);
     match crate::versioned::compare_and_swap::<E, C>(db, id, expected, changes).await {

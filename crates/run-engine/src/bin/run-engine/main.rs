@@ -17,9 +17,7 @@ use connect::render_error;
 use connect::scrub_password;
 use execute::execute;
 use logs::logs;
-use run_engine::{
-    Graph, GraphFormat, Plan, cancel_run, create_run_from_plan, load_run_tree,
-};
+use run_engine::{Graph, GraphFormat, Plan, cancel_run, create_run_from_plan, load_run_tree};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
