@@ -15,7 +15,8 @@ use run_bench::memory::{
 };
 use run_bench::report::{self, Report, Section};
 use run_bench::{
-    Profile, Servers, append_throughput, contention, executor, log_append, plot, versioned_update,
+    Profile, Servers, append_throughput, contention, executor, log_append, ordered, plot,
+    versioned_update,
 };
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -60,6 +61,8 @@ enum Scenario {
     Executor,
     /// 6: peak memory of streaming vs building the log, of `logs --follow`, of the executor.
     Memory,
+    /// 7: ordered plans: shapes of needs against a flat plan, and a chain's latency.
+    Ordered,
 }
 
 #[derive(Debug, Subcommand)]
@@ -194,6 +197,13 @@ async fn run_suite(cli: &Cli) -> anyhow::Result<()> {
     if wanted(Scenario::Executor) {
         let t = Instant::now();
         let r = executor::run(&servers, &profile).await;
+        eprintln!("[run-bench] ... took {:.0} s", t.elapsed().as_secs_f64());
+        goals.extend(r.goals());
+        show(r.section(), &mut sections);
+    }
+    if wanted(Scenario::Ordered) {
+        let t = Instant::now();
+        let r = ordered::run(&servers, &profile).await;
         eprintln!("[run-bench] ... took {:.0} s", t.elapsed().as_secs_f64());
         goals.extend(r.goals());
         show(r.section(), &mut sections);
