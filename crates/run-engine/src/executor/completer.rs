@@ -403,6 +403,8 @@ mod tests {
             max_attempts: 2,
             lease_owner: Some("w".into()),
             lease_expires_at: None,
+            unmet_needs: 0,
+            needed_by: 0,
         };
         let fail = Release::Failed {
             error: "boom".into(),
