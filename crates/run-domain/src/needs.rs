@@ -105,8 +105,8 @@ where
             )),
         )
     };
-    let story_id = || Expr::col((story.clone(), Alias::new("id"))).into();
-    let epic_id = || Expr::col((story.clone(), Alias::new("epic_id"))).into();
+    let story_id = || Expr::col((story.clone(), Alias::new("id")));
+    let epic_id = || Expr::col((story.clone(), Alias::new("epic_id")));
     let update = Query::update()
         .table(story.clone())
         .value(
@@ -132,7 +132,7 @@ where
             count(
                 "run_epic_need",
                 "needs_epic_id",
-                Expr::col((epic.clone(), Alias::new("id"))).into(),
+                Expr::col((epic.clone(), Alias::new("id"))),
             ),
         )
         .and_where(Expr::col((epic, Alias::new("run_id"))).eq(run_id))
@@ -174,7 +174,7 @@ async fn count_down<C: ConnectionTrait>(db: &C, which: SimpleExpr) -> Result<u64
             run_story::Column::Version,
             Expr::col(run_story::Column::Version).add(1),
         )
-        .col_expr(run_story::Column::UpdatedAt, Expr::val(Utc::now()).into())
+        .col_expr(run_story::Column::UpdatedAt, Expr::val(Utc::now()))
         .filter(which)
         .filter(run_story::Column::UnmetNeeds.gt(0))
         .exec(db)
