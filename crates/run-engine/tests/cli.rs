@@ -152,6 +152,27 @@ each_backend! {
             assert!(logs.contains(line), "{line} missing from:\n{logs}");
         }
         assert!(logs.lines().all(|l| l.starts_with("[20")), "[ts] message lines");
+        // In order: nothing of test starts before build completed, nothing of package before
+        // test completed; within an epic, a story after the one it needs.
+        let at = |needle: &str| {
+            logs.lines()
+                .position(|l| l.contains(needle))
+                .unwrap_or_else(|| panic!("{needle} missing from:\n{logs}"))
+        };
+        let first_start = |epic: &str| {
+            logs.lines()
+                .position(|l| l.contains(&format!("[{epic}/")) && l.contains("] started: attempt"))
+                .unwrap_or_else(|| panic!("no story of {epic} started:\n{logs}"))
+        };
+        assert!(at("epic build completed") < first_start("test"), "{logs}");
+        assert!(at("epic test completed") < first_start("package"), "{logs}");
+        assert!(at("[build/fetch] completed in") < at("[build/compile] started"), "{logs}");
+        assert!(at("[package/checksum] completed in") < at("[package/sign] started"), "{logs}");
+        assert_eq!(json["epics"][1]["needs"], serde_json::json!(["build"]));
+        assert_eq!(
+            json["epics"][2]["stories"][3]["needs"],
+            serde_json::json!(["build.docs", "package.checksum"])
+        );
 
         let (status, followed, _) = cli(&t.url, &["logs", &run_id.to_string(), "--follow"]);
         assert!(status.success());
@@ -410,5 +431,59 @@ each_backend! {
         let log = whole_log(&t.url, run_id);
         assert_eq!(log.matches("] hello").count(), 2, "{log}");
         assert!(log.lines().last().is_some_and(|l| l.ends_with("] run test completed")), "{log}");
+    }
+}
+
+each_backend! {
+    /// `graph` draws a plan file or a run, `status` tells what each pending story waits on
+    /// (and `--json` carries it), and a plan with a cycle is refused naming the cycle.
+    async fn graph_status_and_a_cycle_as_a_user_sees_them(t) {
+        let plan = example_plan();
+        let plan = plan.to_str().expect("utf-8");
+        let (status, dot, stderr) = cli(&t.url, &["graph", plan]);
+        assert!(status.success(), "{stderr}");
+        assert!(dot.starts_with("digraph"), "{dot}");
+        assert!(dot.contains("s0_0 -> s0_1"), "fetch -> compile: {dot}");
+        let (status, mermaid, _) = cli(&t.url, &["graph", plan, "--format", "mermaid"]);
+        assert!(status.success());
+        assert!(mermaid.contains("flowchart LR"), "{mermaid}");
+        assert!(mermaid.contains("e0 --> e1") && mermaid.contains("e1 --> e2"), "{mermaid}");
+        let (status, _, stderr) = cli(&t.url, &["graph", plan, "--format", "png"]);
+        assert_eq!(status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("png"), "{stderr}");
+
+        let run_id = create(&t.url, std::path::Path::new(plan)).to_string();
+        let (status, tree, _) = cli(&t.url, &["status", &run_id]);
+        assert!(status.success());
+        assert!(tree.contains("├─ test \"Test\": pending, 0/4 (4 pending), needs build"), "{tree}");
+        assert!(tree.contains("unit: pending (attempt 0/1, waiting on build)"), "{tree}");
+        assert!(tree.contains("compile: pending (attempt 0/2, waiting on build.fetch)"), "{tree}");
+        let (_, json, _) = cli(&t.url, &["status", &run_id, "--json"]);
+        let json: serde_json::Value = serde_json::from_str(&json).expect("json");
+        assert_eq!(
+            json["epics"][2]["stories"][3]["waiting_on"],
+            serde_json::json!(["build.docs", "package.checksum", "test"])
+        );
+        let (status, graph, _) = cli(&t.url, &["graph", &run_id]);
+        assert!(status.success());
+        assert!(graph.contains("(pending)"), "a run's graph shows statuses: {graph}");
+
+        let dir = tempfile::tempdir().expect("temp dir");
+        let cyclic = dir.path().join("cycle.toml");
+        std::fs::write(
+            &cyclic,
+            "name = \"c\"\n[[epics]]\nkey = \"test\"\n[[epics.stories]]\nkey = \"unit\"\n\
+             command = \"true\"\nneeds = [\"lint\"]\n[[epics.stories]]\nkey = \"lint\"\n\
+             command = \"true\"\nneeds = [\"unit\"]\n",
+        )
+        .expect("write");
+        let (status, stdout, stderr) = cli(&t.url, &["create", cyclic.to_str().expect("utf-8")]);
+        assert_eq!(status.code(), Some(1), "{stderr}");
+        assert!(stdout.is_empty());
+        assert!(
+            stderr.contains("cycle.toml:7:10: epics[0].stories[0].needs[0]: ")
+                && stderr.contains("test.unit -> test.lint -> test.unit"),
+            "{stderr}"
+        );
     }
 }

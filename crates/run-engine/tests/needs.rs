@@ -513,3 +513,41 @@ each_backend! {
         }
     }
 }
+
+each_backend! {
+    /// `fail_fast = true`: the first story that fails for good cancels the rest of the run,
+    /// stories that do not depend on it included; without it, those run to the end.
+    async fn fail_fast_cancels_the_rest_of_the_run_on_the_first_failure(t) {
+        for fail_fast in [true, false] {
+            let text = format!(
+                "name = \"ff\"\nfail_fast = {fail_fast}\n\
+                 [[epics]]\nkey = \"a\"\n[[epics.stories]]\nkey = \"bad\"\ncommand = \"fail 0\"\n\
+                 [[epics]]\nkey = \"b\"\n{}\
+                 [[epics]]\nkey = \"c\"\nneeds = [\"b\"]\n{}",
+                (0..4).map(|i| format!("[[epics.stories]]\nkey = \"s{i}\"\ncommand = \"ok 150\"\n")).collect::<String>(),
+                (0..4).map(|i| format!("[[epics.stories]]\nkey = \"s{i}\"\ncommand = \"ok 0\"\n")).collect::<String>(),
+            );
+            let plan = Plan::parse(&text, "ff.toml").expect("plan");
+            let run = create_run_from_plan(&t.db, &plan).await.expect("create");
+            let summary = Executor::new(t.db.clone(), Traced, config("ff"))
+                .execute(run.id)
+                .await
+                .expect("execute");
+            let found = statuses(&t.db, run.id).await;
+            assert_eq!(found["a.bad"], "failed");
+            let log = log_text(&t.db, run.id).await;
+            if fail_fast {
+                assert_eq!(summary.run_status, "cancelled", "{summary}\n{log}");
+                for i in 0..4 {
+                    assert_eq!(found[&format!("c.s{i}")], "cancelled", "{found:?}\n{log}");
+                }
+                assert!(log.contains("fail_fast: a/bad failed, so the rest of the run is cancelled"), "{log}");
+            } else {
+                assert_eq!(summary.run_status, "failed", "{summary}");
+                for i in 0..4 {
+                    assert_eq!(found[&format!("c.s{i}")], "completed", "{found:?}");
+                }
+            }
+        }
+    }
+}
