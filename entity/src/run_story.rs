@@ -32,6 +32,7 @@ pub struct Model {
     pub lease_expires_at: Option<DateTimeUtc>,
     pub unmet_needs: i32,
     pub needed_by: i32,
+    pub waits_on_stories: bool,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -12,6 +12,7 @@ pub struct Model {
     pub story_id: Uuid,
     #[sea_orm(primary_key, auto_increment = false)]
     pub needs_story_id: Uuid,
+    pub met: bool,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

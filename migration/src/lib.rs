@@ -158,6 +158,8 @@ pub mod idens {
         UnmetNeeds,
         /// How many stories need this one directly.
         NeededBy,
+        /// True while some story this one needs directly has not been seen completed.
+        WaitsOnStories,
     }
 
     /// The `run_story_need` table: a story needs another story.
@@ -171,6 +173,8 @@ pub mod idens {
         StoryId,
         /// The story it waits for.
         NeedsStoryId,
+        /// True once the story it waits for has completed.
+        Met,
     }
 
     /// The `run_epic_need` table: every story of an epic needs every story of another epic,

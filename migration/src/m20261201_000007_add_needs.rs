@@ -4,10 +4,13 @@
 //!   `needs_story_id`); `run_epic_need` one row per epic-level need (every story of `epic_id`
 //!   needs every story of `needs_epic_id`), so that an epic of 5,000 stories needing another of
 //!   5,000 is one row, not 25 million. Both cascade with their run and their stories or epics.
-//! - `run_story.unmet_needs` counts the needs of a story that have not completed yet (its own,
-//!   and one per epic its epic needs); a story is claimable only at 0. `run_story.needed_by` and
-//!   `run_epic.needed_by` count the rows that point at a story or an epic, so that finishing one
-//!   that nobody needs costs nothing more.
+//! - `run_story.unmet_needs` counts what a story still waits for: one per epic its epic needs
+//!   that has not completed, plus one while `waits_on_stories` (some story it needs directly has
+//!   not been seen completed: `run_story_need.met` is false on one of its rows); a story is
+//!   claimable only at 0. `run_story.needed_by` and `run_epic.needed_by` count the rows that
+//!   point at a story or an epic, so that finishing one that nobody needs costs nothing more.
+//! - `ix_run_story_need_open` (story, met) finds a story's first unmet need in one probe,
+//!   however many needs it has.
 //! - `ix_run_story_ready` (run, status, unmet needs, position) keeps the candidate query an
 //!   indexed look however many stories still wait.
 //! - `run.fail_fast`: the plan asked to cancel the rest of the run on the first failure.
@@ -21,6 +24,7 @@ use sea_orm_migration::prelude::*;
 const READY_INDEX: &str = "ix_run_story_ready";
 const STORY_DEPENDENTS_INDEX: &str = "ix_run_story_need_needs";
 const EPIC_DEPENDENTS_INDEX: &str = "ix_run_epic_need_needs";
+const STORY_OPEN_INDEX: &str = "ix_run_story_need_open";
 
 #[derive(DeriveMigrationName)]
 pub struct Migration;
@@ -30,6 +34,14 @@ fn counter(name: impl IntoIden) -> ColumnDef {
         .integer()
         .not_null()
         .default(0)
+        .to_owned()
+}
+
+fn flag(name: impl IntoIden) -> ColumnDef {
+    ColumnDef::new(name)
+        .boolean()
+        .not_null()
+        .default(false)
         .to_owned()
 }
 
@@ -69,6 +81,14 @@ impl MigrationTrait for Migration {
                 .await?;
         }
         manager
+            .alter_table(
+                Table::alter()
+                    .table(RunStory::Table)
+                    .add_column(flag(RunStory::WaitsOnStories))
+                    .to_owned(),
+            )
+            .await?;
+        manager
             .create_index(
                 Index::create()
                     .name(READY_INDEX)
@@ -87,6 +107,7 @@ impl MigrationTrait for Migration {
                     .col(uuid(RunStoryNeed::RunId).not_null())
                     .col(uuid(RunStoryNeed::StoryId).not_null())
                     .col(uuid(RunStoryNeed::NeedsStoryId).not_null())
+                    .col(flag(RunStoryNeed::Met))
                     .primary_key(
                         Index::create()
                             .col(RunStoryNeed::StoryId)
@@ -123,6 +144,17 @@ impl MigrationTrait for Migration {
                     .name(STORY_DEPENDENTS_INDEX)
                     .table(RunStoryNeed::Table)
                     .col(RunStoryNeed::NeedsStoryId)
+                    .to_owned(),
+            )
+            .await?;
+        // Whether a story still has an unmet need: one probe.
+        manager
+            .create_index(
+                Index::create()
+                    .name(STORY_OPEN_INDEX)
+                    .table(RunStoryNeed::Table)
+                    .col(RunStoryNeed::StoryId)
+                    .col(RunStoryNeed::Met)
                     .to_owned(),
             )
             .await?;
@@ -188,7 +220,11 @@ impl MigrationTrait for Migration {
                     .to_owned(),
             )
             .await?;
-        for column in [RunStory::NeededBy, RunStory::UnmetNeeds] {
+        for column in [
+            RunStory::WaitsOnStories,
+            RunStory::NeededBy,
+            RunStory::UnmetNeeds,
+        ] {
             manager
                 .alter_table(
                     Table::alter()

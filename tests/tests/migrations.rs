@@ -66,6 +66,7 @@ fn added_by(k: usize) -> (Vec<String>, Vec<(String, String)>) {
                 (name(RunEpic::Table), name(RunEpic::NeededBy)),
                 (name(RunStory::Table), name(RunStory::UnmetNeeds)),
                 (name(RunStory::Table), name(RunStory::NeededBy)),
+                (name(RunStory::Table), name(RunStory::WaitsOnStories)),
             ],
         ),
         _ => unreachable!("there are {MIGRATIONS} migrations"),
@@ -502,6 +503,7 @@ each_backend!(
                     lease_expires_at: Set(Some(now)),
                     unmet_needs: Set(0),
                     needed_by: Set(0),
+                    waits_on_stories: Set(false),
                 }
                 .insert(&t.db)
                 .await

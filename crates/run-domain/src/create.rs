@@ -175,6 +175,7 @@ where
             lease_expires_at: Set(None),
             unmet_needs: Set(0),
             needed_by: Set(0),
+            waits_on_stories: Set(false),
         });
         if rows.len() == CHUNK {
             run_story::Entity::insert_many(std::mem::take(&mut rows))

@@ -119,6 +119,7 @@ macro_rules! versioned_entity {
                     ($($module)::+::Column::Status, "status changes go through run_domain::transition"),
                     ($($module)::+::Column::UnmetNeeds, "needs are counted down by run_domain::needs"),
                     ($($module)::+::Column::NeededBy, "needs are created by run_domain::needs"),
+                    ($($module)::+::Column::WaitsOnStories, "needs are counted down by run_domain::needs"),
                 ]
             }
             fn id_of(model: &Self::Model) -> $crate::uuid::Uuid { model.id }

@@ -31,7 +31,7 @@ use run_domain::{
     Changes, ConcurrencyError, Lifecycle, StoryStatus, TransitionError, VersionedUpdate,
     transition_with,
 };
-use sea_orm::{ConnectionTrait, TransactionSession, TransactionTrait};
+use sea_orm::{ConnectionTrait, TransactionTrait};
 use std::time::Duration;
 
 /// Who holds a story and for how long at a time.
@@ -317,9 +317,9 @@ impl Release {
 /// Records the result of the attempt on `held` (the story as this worker last wrote it) by a
 /// transition from that version. The lease's expiry is cleared; `lease_owner` stays, naming the
 /// worker that recorded the result. A conflict means the worker was fenced off and nothing was
-/// recorded. A story that others need is completed in one transaction with the count-down of
-/// their unmet needs ([`run_domain::satisfy_story`]), so they become claimable exactly when
-/// its completion commits.
+/// recorded. A completed story that others need (`needed_by > 0`) lets them go only once
+/// [`run_domain::satisfy_story`] is called after this commits (the executor does; an idle
+/// executor's sweep catches a caller that died first).
 ///
 /// ```no_run
 /// use run_engine::{Release, release};
@@ -347,16 +347,7 @@ where
             .set(run_story::Column::LeaseOwner, None::<String>),
         (Release::Failed { error }, _) => no_expiry.set(run_story::Column::Error, Some(error)),
     };
-    if to != StoryStatus::Completed || held.needed_by == 0 {
-        return transition_with::<run_story::Entity, _>(db, held, to, changes).await;
-    }
-    let tx = db.begin().await.map_err(ConcurrencyError::from)?;
-    let done = transition_with::<run_story::Entity, _>(&tx, held, to, changes).await?;
-    run_domain::satisfy_story(&tx, held.id)
-        .await
-        .map_err(ConcurrencyError::from)?;
-    tx.commit().await.map_err(ConcurrencyError::from)?;
-    Ok(done)
+    transition_with::<run_story::Entity, _>(db, held, to, changes).await
 }
 
 /// Gives the lease on `held` back without a result: the story returns to pending and the

@@ -451,7 +451,19 @@ each_backend! {
         else {
             panic!("first is claimable");
         };
+        assert_eq!(
+            run_domain::satisfy_story(&t.db, first.story.id).await.expect("early"),
+            0,
+            "letting go before the need completed changes nothing"
+        );
+        assert_eq!(story("second").await.unmet_needs, 1);
         run_engine::release(&t.db, &first.story, run_engine::Release::Completed).await.expect("complete");
+        assert_eq!(run_domain::satisfy_story(&t.db, first.story.id).await.expect("satisfy"), 1);
+        assert_eq!(
+            run_domain::satisfy_story(&t.db, first.story.id).await.expect("again"),
+            0,
+            "a second call counts nothing down"
+        );
         let second_now = story("second").await;
         assert_eq!(second_now.unmet_needs, 0, "completing the need counted it down");
         assert!(second_now.version > second.version, "the count-down moved the version on");

@@ -405,6 +405,7 @@ mod tests {
             lease_expires_at: None,
             unmet_needs: 0,
             needed_by: 0,
+            waits_on_stories: false,
         };
         let fail = Release::Failed {
             error: "boom".into(),

@@ -24,6 +24,19 @@ impl Execution {
         let db = self.db();
         match StoryStatus::parse(&story.status) {
             Some(StoryStatus::Completed) if story.needed_by > 0 => {
+                let (released, _) = self
+                    .retrying("letting go the stories that need a completed one", || {
+                        run_domain::satisfy_story(db, story.id)
+                    })
+                    .await;
+                match released {
+                    Ok(0) => return,
+                    Ok(_) => {}
+                    Err(e) => {
+                        self.warn(format!("could not let go what needs {}: {e}", story.key));
+                        return;
+                    }
+                }
                 let (ready, _) = self
                     .retrying("reading the stories a completion unblocked", || {
                         unblocked_by(db, story.id, None)
@@ -125,6 +138,16 @@ impl Execution {
             return;
         }
         let db = self.db();
+        let (released, _) = self
+            .retrying("letting go stories whose needs completed", || {
+                run_domain::satisfy_run(db, self.run_id)
+            })
+            .await;
+        if let Err(e) = released {
+            self.warn(format!(
+                "could not let go stories whose needs completed: {e}"
+            ));
+        }
         let (skipped, _) = self
             .retrying("looking for stories a failure left waiting", || {
                 skip_blocked(db, self.run_id)
