@@ -1,7 +1,7 @@
 //! Ordered plans: what needs cost.
 //!
 //! - **Shapes** (PostgreSQL, 16 workers, no-op stories): the same number of stories as (a) a flat
-//!   plan, (b) chains of 100, (c) fan-out and fan-in (1 -> n-2 -> 1), (d) epic B needing epic A
+//!   plan, (b) 100 chains, (c) fan-out and fan-in (1 -> n-2 -> 1), (d) epic B needing epic A
 //!   (half the stories each: one row), (e) a random acyclic graph of three needs a story.
 //!   Stories per second, each shape against (a) measured in the same run, taking turns; and the
 //!   time to create each plan and the rows stored, against (a).
@@ -49,7 +49,7 @@ impl Shape {
     fn describe(self, n: usize) -> String {
         match self {
             Shape::Flat => "(a) flat".into(),
-            Shape::Chains => format!("(b) {} chains of 100", n / 100),
+            Shape::Chains => format!("(b) 100 chains of {}", n / 100),
             Shape::FanOutIn => format!("(c) 1 -> {} -> 1", n - 2),
             Shape::EpicNeedsEpic => format!("(d) epic B ({}) needs epic A ({})", n / 2, n / 2),
             Shape::Random => format!("(e) random acyclic, {} needs", 3 * n - 6),
@@ -97,7 +97,7 @@ fn plan(shape: Shape, n: usize) -> Plan {
             vec![],
             (0..n)
                 .map(|i| {
-                    let needs = if i % 100 == 0 {
+                    let needs = if i % (n / 100).max(1) == 0 {
                         vec![]
                     } else {
                         vec![need("a", key(i - 1))]

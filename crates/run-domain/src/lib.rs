@@ -28,7 +28,9 @@ pub use lifecycle::{
     EpicStatus, HasStatus, Lifecycle, RunStatus, StoryStatus, UnknownStatus, transition,
     transition_with,
 };
-pub use needs::{EpicNeed, StoryNeed, create_needs, satisfy_epic, satisfy_run, satisfy_story};
+pub use needs::{
+    EpicNeed, StoryNeed, create_needs, let_go, mark_met, satisfy_epic, satisfy_run, satisfy_story,
+};
 pub use retry::{RetryPolicy, Retryable, retry, update_with_retry};
 pub use run_log::{
     AppendReceipt, LogBatch, LogCursor, LogEntry, LogPage, append_run_log, append_run_logs,

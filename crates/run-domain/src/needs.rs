@@ -173,7 +173,8 @@ where
 /// Marks the needs on `story_id` met, if that story is completed, and counts down every story
 /// that needs it and has no unmet story need left. Safe to call by anyone, any time, any number
 /// of times (it changes nothing before the story completed); call it after the completion
-/// committed. Returns how many stories it counted down (those may now be claimable).
+/// committed (or [`mark_met`] inside that transaction and [`let_go`] after it). Returns how
+/// many stories it counted down (those may now be claimable).
 ///
 /// ```no_run
 /// # async fn demo(db: &sea_orm::DatabaseConnection, completed: uuid::Uuid) -> Result<(), sea_orm::DbErr> {
@@ -183,19 +184,34 @@ where
 /// # Ok(()) }
 /// ```
 pub async fn satisfy_story<C: ConnectionTrait>(db: &C, story_id: Uuid) -> Result<u64, DbErr> {
+    mark_met(db, story_id).await?;
+    let_go(db, story_id).await
+}
+
+/// Marks the rows of the stories that need `story_id` met, if that story is completed (its
+/// half of [`satisfy_story`]; run it in the transaction that completes the story, then
+/// [`let_go`] after the commit).
+pub async fn mark_met<C: ConnectionTrait>(db: &C, story_id: Uuid) -> Result<u64, DbErr> {
     let completed = Query::select()
         .column(run_story::Column::Id)
         .from(run_story::Entity)
         .and_where(run_story::Column::Id.eq(story_id))
         .and_where(run_story::Column::Status.eq(StoryStatus::Completed.as_str()))
         .to_owned();
-    run_story_need::Entity::update_many()
+    Ok(run_story_need::Entity::update_many()
         .col_expr(run_story_need::Column::Met, Expr::val(true))
         .filter(run_story_need::Column::NeedsStoryId.eq(story_id))
         .filter(run_story_need::Column::Met.eq(false))
         .filter(run_story_need::Column::NeedsStoryId.in_subquery(completed))
         .exec(db)
-        .await?;
+        .await?
+        .rows_affected)
+}
+
+/// Counts down the stories that need `story_id` and have no unmet story need left (the other
+/// half of [`satisfy_story`]): in a statement that runs after the marks committed, so that of
+/// two needs completing at once the later sees both. Returns how many it counted down.
+pub async fn let_go<C: ConnectionTrait>(db: &C, story_id: Uuid) -> Result<u64, DbErr> {
     let waiting = Query::select()
         .column(run_story_need::Column::StoryId)
         .from(run_story_need::Entity)

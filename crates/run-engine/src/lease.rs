@@ -31,7 +31,7 @@ use run_domain::{
     Changes, ConcurrencyError, Lifecycle, StoryStatus, TransitionError, VersionedUpdate,
     transition_with,
 };
-use sea_orm::{ConnectionTrait, TransactionTrait};
+use sea_orm::{ConnectionTrait, TransactionSession, TransactionTrait};
 use std::time::Duration;
 
 /// Who holds a story and for how long at a time.
@@ -317,9 +317,9 @@ impl Release {
 /// Records the result of the attempt on `held` (the story as this worker last wrote it) by a
 /// transition from that version. The lease's expiry is cleared; `lease_owner` stays, naming the
 /// worker that recorded the result. A conflict means the worker was fenced off and nothing was
-/// recorded. A completed story that others need (`needed_by > 0`) lets them go only once
-/// [`run_domain::satisfy_story`] is called after this commits (the executor does; an idle
-/// executor's sweep catches a caller that died first).
+/// recorded. A completed story that others need (`needed_by > 0`) is completed in one
+/// transaction with [`run_domain::mark_met`] and [`run_domain::let_go`]; see
+/// [`release_letting_go`] for what to call after it.
 ///
 /// ```no_run
 /// use run_engine::{Release, release};
@@ -336,6 +336,21 @@ pub async fn release<C>(
 where
     C: ConnectionTrait + TransactionTrait,
 {
+    Ok(release_letting_go(db, held, how).await?.0)
+}
+
+/// Like [`release`]; also returns how many stories that need it a completion let go in its
+/// own transaction (those whose only unmet need it was). When that is fewer than
+/// `held.needed_by`, call [`run_domain::let_go`] after this returns: a story whose other need
+/// completed in the same instant is let go then.
+pub async fn release_letting_go<C>(
+    db: &C,
+    held: &run_story::Model,
+    how: Release,
+) -> Result<(run_story::Model, u64), TransitionError>
+where
+    C: ConnectionTrait + TransactionTrait,
+{
     let no_expiry = Changes::<run_story::Entity>::new()
         .set(run_story::Column::LeaseExpiresAt, None::<DateTime<Utc>>);
     let to = how.target(held);
@@ -347,7 +362,24 @@ where
             .set(run_story::Column::LeaseOwner, None::<String>),
         (Release::Failed { error }, _) => no_expiry.set(run_story::Column::Error, Some(error)),
     };
-    transition_with::<run_story::Entity, _>(db, held, to, changes).await
+    if to != StoryStatus::Completed || held.needed_by == 0 {
+        let done = transition_with::<run_story::Entity, _>(db, held, to, changes).await?;
+        return Ok((done, 0));
+    }
+    // One commit for the result, the marks on the rows of the stories that need it, and the
+    // stories it was the last need of; the caller lets go after the commit those whose other
+    // needs completed in the same instant (`run_domain::let_go`, see `run_domain::needs`).
+    let tx = db.begin().await.map_err(ConcurrencyError::from)?;
+    let done = transition_with::<run_story::Entity, _>(&tx, held, to, changes).await?;
+    run_domain::mark_met(&tx, held.id)
+        .await
+        .map_err(ConcurrencyError::from)?;
+    // Its own marks are visible here: the stories it was the only unmet need of go now.
+    let gone = run_domain::let_go(&tx, held.id)
+        .await
+        .map_err(ConcurrencyError::from)?;
+    tx.commit().await.map_err(ConcurrencyError::from)?;
+    Ok((done, gone))
 }
 
 /// Gives the lease on `held` back without a result: the story returns to pending and the

@@ -58,7 +58,7 @@ pub use graph::{Graph, GraphEpic, GraphFormat, GraphStory, UnknownGraphFormat};
 pub use handler::{CancelHandle, Cancellation, StoryContext, StoryHandler, StoryOutcome};
 pub use lease::{Claim, Lease, Release, TryClaim};
 pub use lease::{claimed_by, released_by, still_held};
-pub use lease::{give_back, release, renew_lease, try_claim};
+pub use lease::{give_back, release, release_letting_go, renew_lease, try_claim};
 pub use log_sink::{LogSink, LogSinkError};
 /// [`plan::StoryRef`] under another name: [`StoryRef`] is the executor's.
 pub use plan::StoryRef as PlanStoryRef;

@@ -457,8 +457,11 @@ each_backend! {
             "letting go before the need completed changes nothing"
         );
         assert_eq!(story("second").await.unmet_needs, 1);
-        run_engine::release(&t.db, &first.story, run_engine::Release::Completed).await.expect("complete");
-        assert_eq!(run_domain::satisfy_story(&t.db, first.story.id).await.expect("satisfy"), 1);
+        let (_, gone) =
+            run_engine::release_letting_go(&t.db, &first.story, run_engine::Release::Completed)
+                .await
+                .expect("complete");
+        assert_eq!(gone, 1, "its only need completed: let go in the same transaction");
         assert_eq!(
             run_domain::satisfy_story(&t.db, first.story.id).await.expect("again"),
             0,

@@ -162,12 +162,16 @@ impl Execution {
     /// A story's result is recorded (`finished`: it reached a terminal status): finish its
     /// epic and the run if they are done, unless another worker of this process still holds a
     /// story of the epic (it looks when it is done).
-    pub(super) async fn after_recorded(&self, finished: Option<run_story::Model>, held: Held<'_>) {
+    pub(super) async fn after_recorded(
+        &self,
+        finished: Option<(run_story::Model, Option<u64>)>,
+        held: Held<'_>,
+    ) {
         let others_hold_the_epic = held.release();
-        let Some(story) = finished else {
+        let Some((story, gone)) = finished else {
             return;
         };
-        self.follow_needs(&story).await;
+        self.follow_needs(&story, gone).await;
         if !others_hold_the_epic {
             self.after_story_finished(&story).await;
         }

@@ -9,7 +9,7 @@ use super::supervisor::Ending;
 use super::supervisor::Stop;
 use crate::error::TransientDb;
 use crate::handler::StoryOutcome;
-use crate::lease::{Lease, Release, give_back, release, released_by, still_held};
+use crate::lease::{Lease, Release, give_back, release_letting_go, released_by, still_held};
 use crate::log_sink::LogSink;
 use chrono::Utc;
 use entity::run_story;
@@ -30,7 +30,7 @@ impl Execution {
         mut held: run_story::Model,
         lease: &Lease,
         end: AttemptEnd,
-    ) -> Option<run_story::Model> {
+    ) -> Option<(run_story::Model, Option<u64>)> {
         let AttemptEnd {
             ending,
             elapsed,
@@ -85,11 +85,13 @@ impl Execution {
                         .map(|h| h.clone())
                         .unwrap_or_else(|p| p.into_inner().clone());
                     let result = match how {
-                        Some(how) => release(self.db(), &from, how.clone()).await,
-                        None => give_back(self.db(), &from).await,
+                        Some(how) => release_letting_go(self.db(), &from, how.clone())
+                            .await
+                            .map(|(story, gone)| (story, Some(gone))),
+                        None => give_back(self.db(), &from).await.map(|s| (s, None)),
                     };
                     let conflict = match result {
-                        Ok(story) => return Ok(story),
+                        Ok(done) => return Ok(done),
                         Err(
                             e @ TransitionError::Concurrency(ConcurrencyError::Conflict { .. }),
                         ) => e,
@@ -105,7 +107,8 @@ impl Execution {
                         .map_err(|e| Recording::Failed(e.into()))?;
                     if released_by(&now, &from, how, worker) {
                         self.stats.recognised.fetch_add(1, Ordering::Relaxed);
-                        return Ok(now);
+                        // How many stories its transaction let go is not known here.
+                        return Ok((now, None));
                     }
                     if adoptions.load(Ordering::Relaxed) < MAX_ADOPTIONS
                         && still_held(&now, &from, worker)
@@ -145,8 +148,8 @@ impl Execution {
                 actual: held.version,
             }),
         });
-        let story = match result {
-            Ok(story) => story,
+        let (story, gone) = match result {
+            Ok(done) => done,
             Err(
                 e @ (TransitionError::Illegal { .. }
                 | TransitionError::Concurrency(
@@ -188,7 +191,7 @@ impl Execution {
                 worker: worker.clone(),
             });
         }
-        status.is_terminal().then_some(story)
+        status.is_terminal().then_some((story, gone))
     }
     /// Writes the story's output (and the result line, if given) and waits for it. Lines that cannot be
     /// written stop the execution: the story is given back (or, if the database cannot be

@@ -20,22 +20,30 @@ impl Execution {
     /// it unblocked straight to this process's workers (no wait for the next poll); a failed
     /// or cancelled one has its dependents skipped (and, with `fail_fast`, a failure cancels
     /// the run).
-    pub(super) async fn follow_needs(&self, story: &run_story::Model) {
+    pub(super) async fn follow_needs(&self, story: &run_story::Model, gone: Option<u64>) {
         let db = self.db();
         match StoryStatus::parse(&story.status) {
             Some(StoryStatus::Completed) if story.needed_by > 0 => {
-                let (released, _) = self
-                    .retrying("letting go the stories that need a completed one", || {
-                        run_domain::satisfy_story(db, story.id)
-                    })
-                    .await;
-                match released {
-                    Ok(0) => return,
-                    Ok(_) => {}
-                    Err(e) => {
-                        self.warn(format!("could not let go what needs {}: {e}", story.key));
-                        return;
+                // The completing transaction let go the stories it was the only unmet need of;
+                // those whose other need completed in the same instant go now (unknown: look).
+                let mut let_go = gone.unwrap_or(0);
+                if gone.is_none_or(|n| n < u64::try_from(story.needed_by).unwrap_or(0)) {
+                    let (released, _) = self
+                        .retrying("letting go the stories that need a completed one", || {
+                            // `release` marked the rows in the completing transaction.
+                            run_domain::let_go(db, story.id)
+                        })
+                        .await;
+                    match released {
+                        Ok(n) => let_go += n,
+                        Err(e) => {
+                            self.warn(format!("could not let go what needs {}: {e}", story.key));
+                            return;
+                        }
                     }
+                }
+                if let_go == 0 && gone.is_some() {
+                    return;
                 }
                 let (ready, _) = self
                     .retrying("reading the stories a completion unblocked", || {

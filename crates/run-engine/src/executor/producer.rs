@@ -206,7 +206,7 @@ impl Execution {
             error: story.error.clone(),
             worker: String::new(),
         });
-        self.follow_needs(&story).await;
+        self.follow_needs(&story, None).await;
         self.after_story_finished(&story).await;
     }
 }
