@@ -31,7 +31,7 @@ use chrono::Utc;
 use entity::{run_epic, run_epic_need, run_story, run_story_need};
 use sea_orm::sea_query::{Alias, Expr, ExprTrait, Query, SimpleExpr, SubQueryStatement};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter,
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DbBackend, DbErr, EntityTrait, QueryFilter,
     TransactionSession, TransactionTrait,
 };
 use uuid::Uuid;
@@ -185,7 +185,7 @@ where
 /// ```
 pub async fn satisfy_story<C: ConnectionTrait>(db: &C, story_id: Uuid) -> Result<u64, DbErr> {
     mark_met(db, story_id).await?;
-    let_go(db, story_id).await
+    Ok(let_go(db, story_id).await?.len() as u64)
 }
 
 /// Marks the rows of the stories that need `story_id` met, if that story is completed (its
@@ -210,8 +210,12 @@ pub async fn mark_met<C: ConnectionTrait>(db: &C, story_id: Uuid) -> Result<u64,
 
 /// Counts down the stories that need `story_id` and have no unmet story need left (the other
 /// half of [`satisfy_story`]): in a statement that runs after the marks committed, so that of
-/// two needs completing at once the later sees both. Returns how many it counted down.
-pub async fn let_go<C: ConnectionTrait>(db: &C, story_id: Uuid) -> Result<u64, DbErr> {
+/// two needs completing at once the later sees both. Returns the stories it counted down that
+/// are now claimable (pending, nothing unmet), as written.
+pub async fn let_go<C: ConnectionTrait>(
+    db: &C,
+    story_id: Uuid,
+) -> Result<Vec<run_story::Model>, DbErr> {
     let waiting = Query::select()
         .column(run_story_need::Column::StoryId)
         .from(run_story_need::Entity)
@@ -237,20 +241,24 @@ pub async fn satisfy_run<C: ConnectionTrait>(db: &C, run_id: Uuid) -> Result<u64
         .filter(run_story_need::Column::NeedsStoryId.in_subquery(completed))
         .exec(db)
         .await?;
-    release_story_waits(
+    let released = release_story_waits(
         db,
         run_story::Column::RunId
             .eq(run_id)
             .and(run_story::Column::Status.eq(StoryStatus::Pending.as_str())),
     )
-    .await
+    .await?;
+    Ok(released.len() as u64)
 }
 
 /// Clears `waits_on_stories` (counting one down) on the stories `which` that wait on stories
 /// and have no unmet row left. SAFETY(order): a row is met only once its needed story is
 /// completed, which is terminal; so a statement that sees none unmet is right, whenever it
 /// runs, and the flag makes the count-down happen once.
-async fn release_story_waits<C: ConnectionTrait>(db: &C, which: SimpleExpr) -> Result<u64, DbErr> {
+async fn release_story_waits<C: ConnectionTrait>(
+    db: &C,
+    which: SimpleExpr,
+) -> Result<Vec<run_story::Model>, DbErr> {
     let open = SimpleExpr::SubQuery(
         Some(sea_orm::sea_query::SubQueryOper::Exists),
         Box::new(SubQueryStatement::SelectStatement(
@@ -278,13 +286,34 @@ async fn release_story_waits<C: ConnectionTrait>(db: &C, which: SimpleExpr) -> R
             Expr::col(run_story::Column::Version).add(1),
         )
         .col_expr(run_story::Column::UpdatedAt, Expr::val(Utc::now()))
-        .filter(which)
+        .filter(which.clone())
         .filter(run_story::Column::WaitsOnStories.eq(true))
         .filter(run_story::Column::UnmetNeeds.gt(0))
-        .filter(open.not())
-        .exec(db)
-        .await?;
-    Ok(result.rows_affected)
+        .filter(open.not());
+    let claimable =
+        |s: &run_story::Model| s.unmet_needs == 0 && s.status == StoryStatus::Pending.as_str();
+    match db.get_database_backend() {
+        // No UPDATE ... RETURNING: read the ones now free (a story another caller let go in
+        // the same instant may be among them, which is as true).
+        DbBackend::MySql => {
+            if result.exec(db).await?.rows_affected == 0 {
+                return Ok(Vec::new());
+            }
+            Ok(run_story::Entity::find()
+                .filter(which)
+                .filter(run_story::Column::WaitsOnStories.eq(false))
+                .filter(run_story::Column::UnmetNeeds.eq(0))
+                .filter(run_story::Column::Status.eq(StoryStatus::Pending.as_str()))
+                .all(db)
+                .await?)
+        }
+        _ => Ok(result
+            .exec_with_returning(db)
+            .await?
+            .into_iter()
+            .filter(claimable)
+            .collect()),
+    }
 }
 
 /// Counts down every story of the epics that need `epic_id`: call it in the transaction that

@@ -339,15 +339,15 @@ where
     Ok(release_letting_go(db, held, how).await?.0)
 }
 
-/// Like [`release`]; also returns how many stories that need it a completion let go in its
-/// own transaction (those whose only unmet need it was). When that is fewer than
-/// `held.needed_by`, call [`run_domain::let_go`] after this returns: a story whose other need
-/// completed in the same instant is let go then.
+/// Like [`release`]; also returns the stories that need it that a completion let go in its
+/// own transaction (those whose only unmet need it was), now claimable. When they are fewer
+/// than `held.needed_by`, call [`run_domain::let_go`] after this returns: a story whose other
+/// need completed in the same instant is let go then.
 pub async fn release_letting_go<C>(
     db: &C,
     held: &run_story::Model,
     how: Release,
-) -> Result<(run_story::Model, u64), TransitionError>
+) -> Result<(run_story::Model, Vec<run_story::Model>), TransitionError>
 where
     C: ConnectionTrait + TransactionTrait,
 {
@@ -364,7 +364,7 @@ where
     };
     if to != StoryStatus::Completed || held.needed_by == 0 {
         let done = transition_with::<run_story::Entity, _>(db, held, to, changes).await?;
-        return Ok((done, 0));
+        return Ok((done, Vec::new()));
     }
     // One commit for the result, the marks on the rows of the stories that need it, and the
     // stories it was the last need of; the caller lets go after the commit those whose other

@@ -461,7 +461,8 @@ each_backend! {
             run_engine::release_letting_go(&t.db, &first.story, run_engine::Release::Completed)
                 .await
                 .expect("complete");
-        assert_eq!(gone, 1, "its only need completed: let go in the same transaction");
+        assert_eq!(gone.len(), 1, "its only need completed: let go in the same transaction");
+        assert_eq!(gone[0].key, "second");
         assert_eq!(
             run_domain::satisfy_story(&t.db, first.story.id).await.expect("again"),
             0,

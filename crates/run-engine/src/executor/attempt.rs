@@ -164,7 +164,7 @@ impl Execution {
     /// story of the epic (it looks when it is done).
     pub(super) async fn after_recorded(
         &self,
-        finished: Option<(run_story::Model, Option<u64>)>,
+        finished: Option<(run_story::Model, Option<Vec<run_story::Model>>)>,
         held: Held<'_>,
     ) {
         let others_hold_the_epic = held.release();

@@ -30,7 +30,7 @@ impl Execution {
         mut held: run_story::Model,
         lease: &Lease,
         end: AttemptEnd,
-    ) -> Option<(run_story::Model, Option<u64>)> {
+    ) -> Option<(run_story::Model, Option<Vec<run_story::Model>>)> {
         let AttemptEnd {
             ending,
             elapsed,

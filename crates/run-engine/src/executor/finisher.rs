@@ -20,14 +20,19 @@ impl Execution {
     /// it unblocked straight to this process's workers (no wait for the next poll); a failed
     /// or cancelled one has its dependents skipped (and, with `fail_fast`, a failure cancels
     /// the run).
-    pub(super) async fn follow_needs(&self, story: &run_story::Model, gone: Option<u64>) {
+    pub(super) async fn follow_needs(
+        &self,
+        story: &run_story::Model,
+        gone: Option<Vec<run_story::Model>>,
+    ) {
         let db = self.db();
         match StoryStatus::parse(&story.status) {
             Some(StoryStatus::Completed) if story.needed_by > 0 => {
                 // The completing transaction let go the stories it was the only unmet need of;
-                // those whose other need completed in the same instant go now (unknown: look).
-                let mut let_go = gone.unwrap_or(0);
-                if gone.is_none_or(|n| n < u64::try_from(story.needed_by).unwrap_or(0)) {
+                // those whose other need completed in the same instant go now.
+                let known = gone.is_some();
+                let mut ready = gone.unwrap_or_default();
+                if !known || ready.len() < usize::try_from(story.needed_by).unwrap_or(0) {
                     let (released, _) = self
                         .retrying("letting go the stories that need a completed one", || {
                             // `release` marked the rows in the completing transaction.
@@ -35,27 +40,28 @@ impl Execution {
                         })
                         .await;
                     match released {
-                        Ok(n) => let_go += n,
+                        Ok(more) => ready.extend(more),
                         Err(e) => {
                             self.warn(format!("could not let go what needs {}: {e}", story.key));
                             return;
                         }
                     }
                 }
-                if let_go == 0 && gone.is_some() {
-                    return;
-                }
-                let (ready, _) = self
-                    .retrying("reading the stories a completion unblocked", || {
-                        unblocked_by(db, story.id, None)
-                    })
-                    .await;
-                match ready {
-                    Ok(ready) => self.hand_over(ready).await,
-                    Err(e) => {
-                        self.warn(format!("could not read what {} unblocked: {e}", story.key))
+                if !known {
+                    // Its transaction's answer was lost: read what it let go.
+                    let (unblocked, _) = self
+                        .retrying("reading the stories a completion unblocked", || {
+                            unblocked_by(db, story.id, None)
+                        })
+                        .await;
+                    match unblocked {
+                        Ok(more) => ready.extend(more),
+                        Err(e) => {
+                            self.warn(format!("could not read what {} unblocked: {e}", story.key))
+                        }
                     }
                 }
+                self.hand_over(ready).await;
             }
             Some(status @ (StoryStatus::Failed | StoryStatus::Cancelled)) => {
                 if *self.run_status.borrow() == RunStatus::Cancelled {
