@@ -33,6 +33,7 @@ pub struct Model {
     pub unmet_needs: i32,
     pub needed_by: i32,
     pub waits_on_stories: bool,
+    pub timeout_ms: Option<i64>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

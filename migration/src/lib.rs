@@ -17,6 +17,7 @@ mod m20261128_000004_add_story_execution_fields;
 mod m20261129_000005_index_run_story_epic_status;
 mod m20261201_000006_add_run_log_batch_digest;
 mod m20261201_000007_add_needs;
+mod m20261201_000008_add_story_timeout;
 pub mod schema_types;
 
 pub use lock::{MigrationLockError, apply, fresh, rollback, status, with_migration_lock};
@@ -35,6 +36,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261129_000005_index_run_story_epic_status::Migration),
             Box::new(m20261201_000006_add_run_log_batch_digest::Migration),
             Box::new(m20261201_000007_add_needs::Migration),
+            Box::new(m20261201_000008_add_story_timeout::Migration),
         ]
     }
 }
@@ -160,6 +162,8 @@ pub mod idens {
         NeededBy,
         /// True while some story this one needs directly has not been seen completed.
         WaitsOnStories,
+        /// How long one attempt may run, in milliseconds (none when NULL).
+        TimeoutMs,
     }
 
     /// The `run_story_need` table: a story needs another story.

@@ -64,6 +64,7 @@ fn story(key: String, needs: Vec<PlanStoryRef>) -> PlanStory {
         command: "true".into(),
         max_attempts: 1,
         needs,
+        timeout: None,
     }
 }
 

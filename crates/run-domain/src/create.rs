@@ -45,6 +45,8 @@ pub struct NewStory {
     pub command: Option<String>,
     /// Most attempts allowed (at least 1).
     pub max_attempts: i32,
+    /// How long one attempt may run (none: unbounded); stored in milliseconds.
+    pub timeout: Option<std::time::Duration>,
 }
 
 /// Creates a run (status pending, version 1) and its empty log.
@@ -176,6 +178,9 @@ where
             unmet_needs: Set(0),
             needed_by: Set(0),
             waits_on_stories: Set(false),
+            timeout_ms: Set(story
+                .timeout
+                .map(|t| i64::try_from(t.as_millis()).unwrap_or(i64::MAX).max(1))),
         });
         if rows.len() == CHUNK {
             run_story::Entity::insert_many(std::mem::take(&mut rows))

@@ -50,6 +50,11 @@ pub struct StoryContext {
     pub log: LogSink,
     /// Fires when the handler should stop.
     pub cancel: Cancellation,
+    /// When this attempt times out (the story's `timeout` from when it started), if it has
+    /// one. The executor enforces it for every handler: at the deadline `cancel` fires, and
+    /// after the grace period the attempt is recorded failed (`timed out after 30m`), whatever
+    /// the handler does.
+    pub deadline: Option<tokio::time::Instant>,
 }
 
 impl StoryContext {

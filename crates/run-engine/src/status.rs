@@ -96,6 +96,8 @@ pub struct StoryView {
     /// While pending: the needs that have not completed yet, stories as `epic.story` and
     /// epics (its epic's needs) by key.
     pub waiting_on: Vec<String>,
+    /// How long one attempt may run (`1h 30m`), if bounded.
+    pub timeout: Option<String>,
 }
 
 /// A run with its epics and their stories.
@@ -228,6 +230,14 @@ pub async fn load_run_tree<C: ConnectionTrait>(
                             error: s.error,
                             needs: own.into_iter().map(|(name, _)| name).collect(),
                             waiting_on,
+                            timeout: s
+                                .timeout_ms
+                                .and_then(|ms| u64::try_from(ms).ok())
+                                .map(|ms| {
+                                    crate::plan::duration::describe(
+                                        std::time::Duration::from_millis(ms),
+                                    )
+                                }),
                         }
                     })
                     .collect(),
@@ -343,6 +353,11 @@ impl RunTree {
                     && let Some(owner) = &s.lease_owner
                 {
                     details.push(format!("on {owner}"));
+                }
+                if let Some(timeout) = &s.timeout
+                    && s.status == StoryStatus::Running.as_str()
+                {
+                    details.push(format!("timeout {timeout}"));
                 }
                 if !s.waiting_on.is_empty() {
                     details.push(format!("waiting on {}", s.waiting_on.join(", ")));

@@ -126,6 +126,10 @@ impl Execution {
             worker_id: worker.clone(),
             log: log.clone(),
             cancel,
+            deadline: story
+                .timeout_ms
+                .and_then(|ms| u64::try_from(ms).ok())
+                .map(|ms| started + Duration::from_millis(ms)),
         };
         let (ending, last) = self.supervise(ctx, cancel_handle, story, lease).await;
         let elapsed = started.elapsed();

@@ -246,6 +246,10 @@ pub(super) fn release_for(stop: Option<Stop>, outcome: Option<StoryOutcome>) -> 
         (_, Some(StoryOutcome::Completed)) => Some(Release::Completed),
         (Some(Stop::GiveBack | Stop::LeaseRunOut), _) => None,
         (Some(Stop::RunCancelled), _) => Some(Release::Cancelled),
+        // Out of time: a failed attempt, whatever the handler said on its way out.
+        (Some(Stop::TimedOut(after)), _) => Some(Release::Failed {
+            error: format!("timed out after {}", crate::plan::duration::describe(after)),
+        }),
         (None, Some(StoryOutcome::Failed { error })) => Some(Release::Failed { error }),
         (None, Some(StoryOutcome::Cancelled)) => Some(Release::Cancelled),
         (None, None) => Some(Release::Failed {
@@ -359,6 +363,21 @@ mod tests {
             // A cancelled run cancels the story, even one that failed on the way out.
             (Some(RunCancelled), failed("x"), Some(Release::Cancelled)),
             (Some(RunCancelled), None, Some(Release::Cancelled)),
+            // Out of time: failed, whatever the handler said on its way out.
+            (
+                Some(TimedOut(Duration::from_secs(90))),
+                failed("killed"),
+                Some(Release::Failed {
+                    error: "timed out after 1m 30s".into(),
+                }),
+            ),
+            (
+                Some(TimedOut(Duration::from_millis(500))),
+                None,
+                Some(Release::Failed {
+                    error: "timed out after 500ms".into(),
+                }),
+            ),
             // Left alone, the handler's word is recorded.
             (
                 None,
@@ -409,6 +428,7 @@ mod tests {
             unmet_needs: 0,
             needed_by: 0,
             waits_on_stories: false,
+            timeout_ms: None,
         };
         let fail = Release::Failed {
             error: "boom".into(),

@@ -40,6 +40,7 @@ impl Execution {
         lease: &Lease,
     ) -> (Ending, run_story::Model) {
         let handler = self.inner.handler.clone();
+        let deadline = ctx.deadline;
         let mut task = AbortOnDrop(tokio::spawn(async move { handler.run(ctx).await }));
         let renew_every = self.config().renew_every;
         let grace = self.config().cancel_grace;
@@ -56,6 +57,11 @@ impl Execution {
         let mut stop: Option<Stop> = None;
         let mut fenced: Option<String> = None;
         let mut grace_until: Option<Instant> = None;
+        let timeout = held
+            .timeout_ms
+            .and_then(|ms| u64::try_from(ms).ok())
+            .map(Duration::from_millis);
+        let timeout_at = deadline;
 
         let stop_now = |why: Stop, stop: &mut Option<Stop>, until: &mut Option<Instant>| {
             if stop.is_none() {
@@ -144,6 +150,16 @@ impl Execution {
                         }
                     }
                 }
+                _ = tokio::time::sleep_until(timeout_at.unwrap_or(far)), if timeout_at.is_some() && stop.is_none() && fenced.is_none() => {
+                    // The story's time is up: stop the handler; after the grace period it is
+                    // dropped (the shell handler kills its process group) and the attempt is
+                    // recorded failed.
+                    stop_now(
+                        Stop::TimedOut(timeout.unwrap_or_default()),
+                        &mut stop,
+                        &mut grace_until,
+                    );
+                }
                 _ = tokio::time::sleep_until(lease_deadline), if stop.is_none() && fenced.is_none() => {
                     // SAFETY(fencing): no renewal got through for nearly a whole lease; once it
                     // runs out another worker may take the story over, and two must never run
@@ -190,6 +206,8 @@ pub(super) enum Stop {
     GiveBack,
     /// No renewal got through for nearly a whole lease: another worker may take the story over.
     LeaseRunOut,
+    /// The story's timeout (this long) ran out.
+    TimedOut(Duration),
 }
 
 pub(super) enum Ending {

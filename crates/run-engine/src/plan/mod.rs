@@ -5,6 +5,9 @@
 //! title = "Example plan"      # optional, defaults to the name
 //! fail_fast = true            # optional, default false: stop at the first failed story
 //!
+//! [defaults]                  # optional: what every story has unless it says otherwise
+//! timeout = "30m"             # how long one attempt may run (humantime: 90s, 1h 30m)
+//!
 //! [[epics]]
 //! key = "build"
 //! title = "Build"             # optional, defaults to the key
@@ -14,6 +17,7 @@
 //! title = "Compile"           # optional, defaults to the key
 //! command = "echo compiling && sleep 0.2"
 //! max_attempts = 2            # optional, default 1
+//! timeout = "10m"             # optional, else [defaults] timeout, else none
 //!
 //! [[epics]]
 //! key = "test"
@@ -43,6 +47,7 @@
 //! Every problem is reported with the file, the line and column, and the field it is about
 //! (`epics[0].stories[2].command`), all problems of a file at once.
 
+pub(crate) mod duration;
 mod needs;
 #[cfg(test)]
 mod needs_tests;
@@ -103,6 +108,8 @@ pub struct PlanStory {
     pub command: String,
     /// Most attempts allowed (1 to 100).
     pub max_attempts: i32,
+    /// How long one attempt may run (`timeout`, else `[defaults] timeout`; none: unbounded).
+    pub timeout: Option<std::time::Duration>,
     /// The stories that must complete before this one starts, resolved, in file order (each
     /// a story of the plan, not this one, at most once).
     pub needs: Vec<StoryRef>,
@@ -302,6 +309,7 @@ where
                 position: i32::try_from(j).unwrap_or(i32::MAX),
                 command: Some(s.command.clone()),
                 max_attempts: s.max_attempts,
+                timeout: s.timeout,
             })
             .collect();
         let ids = create_stories(&tx, &created, stories).await?;

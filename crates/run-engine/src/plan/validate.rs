@@ -1,5 +1,6 @@
 //! Checking a plan: every problem at once, each with its line, column and field.
 
+use super::duration::duration;
 use super::needs::{RawNeeds, check_needs};
 use super::{Plan, PlanEpic, PlanProblem, PlanStory};
 use serde::Deserialize;
@@ -23,8 +24,16 @@ pub(super) struct RawPlan {
     title: Option<Spanned<String>>,
     #[serde(default)]
     fail_fast: bool,
+    defaults: Option<RawDefaults>,
     #[serde(default)]
     epics: Vec<RawEpic>,
+}
+
+/// `[defaults]`: what a story has unless it says otherwise.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDefaults {
+    timeout: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -45,6 +54,7 @@ pub(super) struct RawStory {
     command: Option<Spanned<String>>,
     max_attempts: Option<Spanned<i64>>,
     needs: Option<Vec<Spanned<String>>>,
+    timeout: Option<Spanned<String>>,
 }
 
 /// The 1-based line and column of byte `offset` in `text`.
@@ -218,6 +228,10 @@ pub(super) fn validate(text: &str, raw: RawPlan, problems: &mut Vec<PlanProblem>
     check_key(text, &raw.name, "name", "plan name", problems);
     let name = raw.name.get_ref().clone();
     let title = title_of(text, raw.title, &name, "title".into(), problems);
+    let default_timeout = raw
+        .defaults
+        .and_then(|d| d.timeout)
+        .and_then(|t| duration(text, &t, "defaults.timeout".into(), problems));
     if raw.epics.is_empty() {
         problems.push(PlanProblem {
             line: None,
@@ -332,6 +346,10 @@ pub(super) fn validate(text: &str, raw: RawPlan, problems: &mut Vec<PlanProblem>
                     1
                 }
             };
+            let timeout = match &story.timeout {
+                Some(t) => duration(text, t, format!("{sfield}.timeout"), problems),
+                None => default_timeout,
+            };
             story_needs.push(story.needs.unwrap_or_default());
             stories.push(PlanStory {
                 key: skey,
@@ -339,6 +357,7 @@ pub(super) fn validate(text: &str, raw: RawPlan, problems: &mut Vec<PlanProblem>
                 command,
                 max_attempts,
                 needs: Vec::new(),
+                timeout,
             });
         }
         needs.push(RawNeeds {
