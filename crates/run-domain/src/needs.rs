@@ -275,20 +275,9 @@ async fn release_story_waits<C: ConnectionTrait>(
                 .to_owned(),
         )),
     );
-    let result = run_story::Entity::update_many()
+    let result = count_down_where(which.clone())
         .col_expr(run_story::Column::WaitsOnStories, Expr::val(false))
-        .col_expr(
-            run_story::Column::UnmetNeeds,
-            Expr::col(run_story::Column::UnmetNeeds).sub(1),
-        )
-        .col_expr(
-            run_story::Column::Version,
-            Expr::col(run_story::Column::Version).add(1),
-        )
-        .col_expr(run_story::Column::UpdatedAt, Expr::val(Utc::now()))
-        .filter(which.clone())
         .filter(run_story::Column::WaitsOnStories.eq(true))
-        .filter(run_story::Column::UnmetNeeds.gt(0))
         .filter(open.not());
     let claimable =
         |s: &run_story::Model| s.unmet_needs == 0 && s.status == StoryStatus::Pending.as_str();
@@ -328,8 +317,10 @@ pub async fn satisfy_epic<C: ConnectionTrait>(db: &C, epic_id: Uuid) -> Result<u
     count_down(db, run_story::Column::EpicId.in_subquery(waiting)).await
 }
 
-async fn count_down<C: ConnectionTrait>(db: &C, which: SimpleExpr) -> Result<u64, DbErr> {
-    let result = run_story::Entity::update_many()
+/// The one count-down: `unmet_needs - 1`, the version moved on, on the stories `which` that
+/// still wait for something.
+fn count_down_where(which: SimpleExpr) -> sea_orm::UpdateMany<run_story::Entity> {
+    run_story::Entity::update_many()
         .col_expr(
             run_story::Column::UnmetNeeds,
             Expr::col(run_story::Column::UnmetNeeds).sub(1),
@@ -341,7 +332,9 @@ async fn count_down<C: ConnectionTrait>(db: &C, which: SimpleExpr) -> Result<u64
         .col_expr(run_story::Column::UpdatedAt, Expr::val(Utc::now()))
         .filter(which)
         .filter(run_story::Column::UnmetNeeds.gt(0))
-        .exec(db)
-        .await?;
+}
+
+async fn count_down<C: ConnectionTrait>(db: &C, which: SimpleExpr) -> Result<u64, DbErr> {
+    let result = count_down_where(which).exec(db).await?;
     Ok(result.rows_affected)
 }
