@@ -89,26 +89,23 @@ macro_rules! versioned_entity {
         }
     };
     ($($module:ident)::+, $name:literal, status: $status:ty) => {
-        impl $crate::Versioned for $($module)::+::Entity {
-            const NAME: &'static str = $name;
-            fn id_column() -> Self::Column { $($module)::+::Column::Id }
-            fn version_column() -> Self::Column { $($module)::+::Column::Version }
-            fn updated_at_column() -> Self::Column { $($module)::+::Column::UpdatedAt }
-            fn reserved_columns() -> Vec<(Self::Column, &'static str)> {
-                vec![($($module)::+::Column::Status, "status changes go through run_domain::transition")]
-            }
-            fn id_of(model: &Self::Model) -> $crate::uuid::Uuid { model.id }
-            fn version_of(model: &Self::Model) -> i32 { model.version }
-        }
-        impl $crate::HasStatus for $($module)::+::Entity {
-            type Status = $status;
-            fn status_column() -> Self::Column { $($module)::+::Column::Status }
-            fn status_of(model: &Self::Model) -> &str { &model.status }
-            fn started_at_column() -> Self::Column { $($module)::+::Column::StartedAt }
-            fn finished_at_column() -> Self::Column { $($module)::+::Column::FinishedAt }
-        }
+        $crate::versioned_entity!(@status $($module)::+, $name, $status, [], {});
     };
+    // An entity with needs (run_story): its counters are reserved to `run_domain::needs`, and
+    // `transition` reads them before a start.
     ($($module:ident)::+, $name:literal, status: $status:ty, needs: $needs:ident) => {
+        $crate::versioned_entity!(@status $($module)::+, $name, $status, [
+            ($($module)::+::Column::UnmetNeeds, "needs are counted down by run_domain::needs"),
+            ($($module)::+::Column::NeededBy, "needs are created by run_domain::needs"),
+            ($($module)::+::Column::WaitsOnStories, "needs are counted down by run_domain::needs"),
+        ], {
+            fn unmet_needs_of(model: &Self::Model) -> i32 { model.$needs }
+            fn unmet_needs_column() -> Option<Self::Column> {
+                Some($($module)::+::Column::UnmetNeeds)
+            }
+        });
+    };
+    (@status $($module:ident)::+, $name:literal, $status:ty, [$($reserved:expr),* $(,)?], { $($has_status:tt)* }) => {
         impl $crate::Versioned for $($module)::+::Entity {
             const NAME: &'static str = $name;
             fn id_column() -> Self::Column { $($module)::+::Column::Id }
@@ -117,9 +114,7 @@ macro_rules! versioned_entity {
             fn reserved_columns() -> Vec<(Self::Column, &'static str)> {
                 vec![
                     ($($module)::+::Column::Status, "status changes go through run_domain::transition"),
-                    ($($module)::+::Column::UnmetNeeds, "needs are counted down by run_domain::needs"),
-                    ($($module)::+::Column::NeededBy, "needs are created by run_domain::needs"),
-                    ($($module)::+::Column::WaitsOnStories, "needs are counted down by run_domain::needs"),
+                    $($reserved),*
                 ]
             }
             fn id_of(model: &Self::Model) -> $crate::uuid::Uuid { model.id }
@@ -131,10 +126,7 @@ macro_rules! versioned_entity {
             fn status_of(model: &Self::Model) -> &str { &model.status }
             fn started_at_column() -> Self::Column { $($module)::+::Column::StartedAt }
             fn finished_at_column() -> Self::Column { $($module)::+::Column::FinishedAt }
-            fn unmet_needs_of(model: &Self::Model) -> i32 { model.$needs }
-            fn unmet_needs_column() -> Option<Self::Column> {
-                Some($($module)::+::Column::UnmetNeeds)
-            }
+            $($has_status)*
         }
     };
 }

@@ -91,40 +91,59 @@ where
     C: ConnectionTrait + TransactionTrait,
 {
     let stories = unfinished_stories(db, run_id).await?;
-    let policy = RetryPolicy::default();
     let mut cancelled = 0;
     for story in stories {
-        let id = story.id;
-        let done = retry(&policy, |attempt| {
-            let first = (attempt == 1).then(|| story.clone());
-            async move {
-                let current = match first {
-                    Some(s) => s,
-                    None => run_story::Entity::find_versioned(db, id).await?,
-                };
-                let claimable =
-                    current.status == StoryStatus::Pending.as_str() || lease_expired(&current, now);
-                if !claimable {
-                    return Ok(false);
-                }
-                transition_with::<run_story::Entity, _>(
-                    db,
-                    &current,
-                    StoryStatus::Cancelled,
-                    Changes::new().set(run_story::Column::LeaseExpiresAt, None::<DateTime<Utc>>),
-                )
-                .await
-                .map(|_| true)
-            }
-        })
-        .await;
-        match done {
-            Ok(true) => cancelled += 1,
-            Ok(false) => {}
-            Err(TransitionError::Illegal { .. })
-            | Err(TransitionError::Concurrency(ConcurrencyError::NotFound { .. })) => {}
-            Err(e) => return Err(e.into()),
-        }
+        let moved = transition_while(
+            db,
+            story,
+            |current| {
+                current.status == StoryStatus::Pending.as_str() || lease_expired(current, now)
+            },
+            StoryStatus::Cancelled,
+            || Changes::new().set(run_story::Column::LeaseExpiresAt, None::<DateTime<Utc>>),
+        )
+        .await?;
+        cancelled += u64::from(moved.is_some());
     }
     Ok(cancelled)
+}
+
+/// Moves `story` (as read) to `to` with `changes`, re-reading it on a conflict, for as long as
+/// `still` holds of it; `None` when it no longer does (someone else moved it on first, or it is
+/// gone). The one way cancellation and failure propagation change stories they did not claim.
+pub(crate) async fn transition_while<C>(
+    db: &C,
+    story: run_story::Model,
+    still: impl Fn(&run_story::Model) -> bool,
+    to: StoryStatus,
+    changes: impl Fn() -> Changes<run_story::Entity>,
+) -> Result<Option<run_story::Model>, EngineError>
+where
+    C: ConnectionTrait + TransactionTrait,
+{
+    let id = story.id;
+    let policy = RetryPolicy::default();
+    let (still, changes) = (&still, &changes);
+    let result = retry(&policy, |attempt| {
+        let first = (attempt == 1).then(|| story.clone());
+        async move {
+            let current = match first {
+                Some(s) => s,
+                None => run_story::Entity::find_versioned(db, id).await?,
+            };
+            if !still(&current) {
+                return Ok(None);
+            }
+            transition_with::<run_story::Entity, _>(db, &current, to, changes())
+                .await
+                .map(Some)
+        }
+    })
+    .await;
+    match result {
+        Ok(done) => Ok(done),
+        Err(TransitionError::Illegal { .. })
+        | Err(TransitionError::Concurrency(ConcurrencyError::NotFound { .. })) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }

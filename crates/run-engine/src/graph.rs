@@ -432,59 +432,48 @@ fn with_status(title: &str, status: Option<&str>, newline: &str) -> String {
     }
 }
 
-/// Text for inside a DOT double-quoted string: `"` and `\` escaped, a line feed as DOT's
-/// `\n`, other control characters as spaces.
-fn dot_escape(text: &str) -> String {
+/// `text` with each character of `table` replaced by its text, a line feed by `newline`, a
+/// carriage return dropped, and other control characters as spaces.
+fn escape(text: &str, table: &[(char, &str)], newline: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => {}
-            c if c.is_control() => out.push(' '),
-            c => out.push(c),
+        match table.iter().find(|(from, _)| *from == c) {
+            Some((_, to)) => out.push_str(to),
+            None if c == '\n' => out.push_str(newline),
+            None if c == '\r' => {}
+            None if c.is_control() => out.push(' '),
+            None => out.push(c),
         }
     }
     out
+}
+
+/// Text for inside a DOT double-quoted string: `"` and `\` escaped, a line feed as DOT's
+/// `\n`, other control characters as spaces.
+fn dot_escape(text: &str) -> String {
+    escape(text, &[('"', "\\\""), ('\\', "\\\\")], "\\n")
 }
 
 /// Text for inside a Mermaid double-quoted label: the characters Mermaid reads as markup as
 /// entity codes (`#quot;`, `#lt;`, `#gt;`, `#35;`, `#37;`, ...), a line feed as `<br>`, other control
 /// characters as spaces.
 fn mermaid_escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '"' => out.push_str("#quot;"),
-            '<' => out.push_str("#lt;"),
-            '>' => out.push_str("#gt;"),
-            '#' => out.push_str("#35;"),
-            '%' => out.push_str("#37;"),
-            '&' => out.push_str("#amp;"),
-            '`' => out.push_str("#96;"),
-            '\n' => out.push_str("<br>"),
-            '\r' => {}
-            c if c.is_control() => out.push(' '),
-            c => out.push(c),
-        }
-    }
-    out
+    const TABLE: &[(char, &str)] = &[
+        ('"', "#quot;"),
+        ('<', "#lt;"),
+        ('>', "#gt;"),
+        ('#', "#35;"),
+        ('%', "#37;"),
+        ('&', "#amp;"),
+        ('`', "#96;"),
+    ];
+    escape(text, TABLE, "<br>")
 }
 
 /// Text for inside a YAML double-quoted string (Mermaid's front matter): `"` and `\`
 /// escaped, control characters as spaces.
 fn yaml_escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if c.is_control() => out.push(' '),
-            c => out.push(c),
-        }
-    }
-    out
+    escape(text, &[('"', "\\\""), ('\\', "\\\\"), ('\r', " ")], " ")
 }
 
 #[cfg(test)]

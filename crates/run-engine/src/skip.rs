@@ -8,12 +8,10 @@
 //! rest to [`skip_blocked`], which any idle executor runs when a run has stories waiting and
 //! nothing running.
 
+use crate::cancel::transition_while;
 use crate::error::EngineError;
 use entity::{run_epic, run_epic_need, run_story, run_story_need};
-use run_domain::{
-    Changes, ConcurrencyError, Lifecycle, RetryPolicy, StoryStatus, TransitionError,
-    VersionedUpdate, retry, transition_with,
-};
+use run_domain::{Changes, Lifecycle, StoryStatus};
 use sea_orm::sea_query::{Query, SimpleExpr};
 use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, TransactionTrait};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -150,34 +148,12 @@ async fn skip_one<C>(
 where
     C: ConnectionTrait + TransactionTrait,
 {
-    let id = story.id;
-    let policy = RetryPolicy::default();
-    let result = retry(&policy, |attempt| {
-        let first = (attempt == 1).then(|| story.clone());
-        let error = error.clone();
-        async move {
-            let current = match first {
-                Some(s) => s,
-                None => run_story::Entity::find_versioned(db, id).await?,
-            };
-            if current.status != StoryStatus::Pending.as_str() {
-                return Ok(None);
-            }
-            transition_with::<run_story::Entity, _>(
-                db,
-                &current,
-                StoryStatus::Skipped,
-                Changes::new().set(run_story::Column::Error, Some(error)),
-            )
-            .await
-            .map(Some)
-        }
-    })
-    .await;
-    match result {
-        Ok(done) => Ok(done),
-        Err(TransitionError::Illegal { .. })
-        | Err(TransitionError::Concurrency(ConcurrencyError::NotFound { .. })) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
+    transition_while(
+        db,
+        story,
+        |current| current.status == StoryStatus::Pending.as_str(),
+        StoryStatus::Skipped,
+        || Changes::new().set(run_story::Column::Error, Some(error.clone())),
+    )
+    .await
 }

@@ -61,17 +61,9 @@ pub(crate) fn describe(d: Duration) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Plan, PlanError};
+    use super::super::Plan;
+    use super::super::tests::problems;
     use std::time::Duration;
-
-    fn problems(text: &str) -> Vec<String> {
-        match Plan::parse(text, "p.toml") {
-            Err(PlanError::Invalid { problems, .. }) => {
-                problems.iter().map(ToString::to_string).collect()
-            }
-            other => panic!("expected problems, got {other:?}"),
-        }
-    }
 
     #[test]
     fn a_story_timeout_overrides_the_plan_default() {

@@ -352,7 +352,8 @@ mod tests {
     use super::validate::{LineStarts, line_column};
     use super::*;
 
-    fn problems(text: &str) -> Vec<String> {
+    /// The problems of an invalid plan text, as printed (shared by the plan's test modules).
+    pub(super) fn problems(text: &str) -> Vec<String> {
         match Plan::parse(text, "p.toml") {
             Err(PlanError::Invalid { problems, .. }) => {
                 problems.iter().map(ToString::to_string).collect()

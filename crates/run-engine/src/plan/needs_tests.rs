@@ -2,14 +2,7 @@
 
 use super::*;
 
-fn problems(text: &str) -> Vec<String> {
-    match Plan::parse(text, "p.toml") {
-        Err(PlanError::Invalid { problems, .. }) => {
-            problems.iter().map(ToString::to_string).collect()
-        }
-        other => panic!("expected problems, got {other:?}"),
-    }
-}
+use super::tests::problems;
 
 fn story_ref(epic: &str, story: &str) -> StoryRef {
     StoryRef {
