@@ -5,7 +5,9 @@
 pub use super::run::Entity as Run;
 pub use super::run_epic::Entity as RunEpic;
 pub use super::run_epic_need::Entity as RunEpicNeed;
+pub use super::run_limit::Entity as RunLimit;
 pub use super::run_log::Entity as RunLog;
 pub use super::run_log_head::Entity as RunLogHead;
 pub use super::run_story::Entity as RunStory;
+pub use super::run_story_limit::Entity as RunStoryLimit;
 pub use super::run_story_need::Entity as RunStoryNeed;

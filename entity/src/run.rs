@@ -20,6 +20,7 @@ pub struct Model {
     pub error: Option<String>,
     pub version: i32,
     pub fail_fast: bool,
+    pub paused_at: Option<DateTimeUtc>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -34,6 +34,12 @@ pub struct Model {
     pub needed_by: i32,
     pub waits_on_stories: bool,
     pub timeout_ms: Option<i64>,
+    pub not_before_ms: Option<i64>,
+    #[sea_orm(column_type = "Text", nullable)]
+    pub retry_delay: Option<String>,
+    pub priority: i32,
+    #[sea_orm(column_type = "Text", nullable)]
+    pub limit_keys: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -54,6 +60,8 @@ pub enum Relation {
         on_delete = "Cascade"
     )]
     RunEpic,
+    #[sea_orm(has_many = "super::run_story_limit::Entity")]
+    RunStoryLimit,
 }
 
 impl Related<super::run::Entity> for Entity {
@@ -65,6 +73,21 @@ impl Related<super::run::Entity> for Entity {
 impl Related<super::run_epic::Entity> for Entity {
     fn to() -> RelationDef {
         Relation::RunEpic.def()
+    }
+}
+
+impl Related<super::run_story_limit::Entity> for Entity {
+    fn to() -> RelationDef {
+        Relation::RunStoryLimit.def()
+    }
+}
+
+impl Related<super::run_limit::Entity> for Entity {
+    fn to() -> RelationDef {
+        super::run_story_limit::Relation::RunLimit.def()
+    }
+    fn via() -> Option<RelationDef> {
+        Some(super::run_story_limit::Relation::RunStory.def().rev())
     }
 }
 

@@ -18,6 +18,7 @@ mod m20261129_000005_index_run_story_epic_status;
 mod m20261201_000006_add_run_log_batch_digest;
 mod m20261201_000007_add_needs;
 mod m20261201_000008_add_story_timeout;
+mod m20261201_000009_add_scheduling;
 pub mod schema_types;
 
 pub use lock::{MigrationLockError, apply, fresh, rollback, status, with_migration_lock};
@@ -37,6 +38,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261201_000006_add_run_log_batch_digest::Migration),
             Box::new(m20261201_000007_add_needs::Migration),
             Box::new(m20261201_000008_add_story_timeout::Migration),
+            Box::new(m20261201_000009_add_scheduling::Migration),
         ]
     }
 }
@@ -80,6 +82,8 @@ pub mod idens {
         Error,
         /// Cancel the rest of the run on the first story that fails for good.
         FailFast,
+        /// While set, no story of the run starts.
+        PausedAt,
     }
 
     /// The `run_epic` table.
@@ -164,6 +168,47 @@ pub mod idens {
         WaitsOnStories,
         /// How long one attempt may run, in milliseconds (none when NULL).
         TimeoutMs,
+        /// Not claimed before this time (Unix milliseconds; none when NULL).
+        NotBeforeMs,
+        /// The retry delay after a failed attempt (JSON; none when NULL).
+        RetryDelay,
+        /// Higher is claimed first among ready stories.
+        Priority,
+        /// The limits it holds while it runs: names, sorted, comma-separated.
+        LimitKeys,
+    }
+
+    /// The `run_limit` table: a named limit on how many stories holding it run at once,
+    /// across every process.
+    #[derive(DeriveIden)]
+    pub enum RunLimit {
+        /// Table name.
+        Table,
+        /// Primary key (UUID).
+        Id,
+        /// The limit's name, unique.
+        Name,
+        /// How many stories holding it may run at once.
+        Capacity,
+        /// How many running stories hold it now.
+        InUse,
+        /// Optimistic-concurrency version.
+        Version,
+        /// Creation time.
+        CreatedAt,
+        /// Last change time.
+        UpdatedAt,
+    }
+
+    /// The `run_story_limit` table: a story holds a limit while it runs.
+    #[derive(DeriveIden)]
+    pub enum RunStoryLimit {
+        /// Table name.
+        Table,
+        /// The story.
+        StoryId,
+        /// The limit.
+        LimitId,
     }
 
     /// The `run_story_need` table: a story needs another story.

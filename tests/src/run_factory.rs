@@ -227,7 +227,7 @@ impl RunFactory {
                     position: position(s),
                     command: story.command,
                     max_attempts: story.max_attempts,
-                    timeout: None,
+                    ..NewStory::default()
                 })
                 .collect();
             created

@@ -5,7 +5,9 @@
 //! far to migrate.
 
 use chrono::{DateTime, Utc};
-use migration::idens::{Run, RunEpic, RunEpicNeed, RunLog, RunLogHead, RunStory, RunStoryNeed};
+use migration::idens::{
+    Run, RunEpic, RunEpicNeed, RunLimit, RunLog, RunLogHead, RunStory, RunStoryLimit, RunStoryNeed,
+};
 use migration::{Migrator, MigratorTrait};
 use run_engine_tests::{TestDb, each_backend};
 use sea_orm::{ActiveModelTrait, ConnectionTrait, DatabaseConnection, EntityTrait, Set};
@@ -14,7 +16,7 @@ use sea_orm_migration::sea_query::{Iden, IntoIden, Query, SimpleExpr};
 use std::collections::BTreeSet;
 
 /// The number of migrations in [`Migrator`].
-const MIGRATIONS: usize = 8;
+const MIGRATIONS: usize = 9;
 
 /// The name an iden stands for, e.g. `run_epic`.
 fn name(iden: impl Iden) -> String {
@@ -72,6 +74,16 @@ fn added_by(k: usize) -> (Vec<String>, Vec<(String, String)>) {
         7 => (
             vec![],
             vec![(name(RunStory::Table), name(RunStory::TimeoutMs))],
+        ),
+        8 => (
+            vec![name(RunLimit::Table), name(RunStoryLimit::Table)],
+            vec![
+                (name(Run::Table), name(Run::PausedAt)),
+                (name(RunStory::Table), name(RunStory::NotBeforeMs)),
+                (name(RunStory::Table), name(RunStory::RetryDelay)),
+                (name(RunStory::Table), name(RunStory::Priority)),
+                (name(RunStory::Table), name(RunStory::LimitKeys)),
+            ],
         ),
         _ => unreachable!("there are {MIGRATIONS} migrations"),
     }
@@ -462,6 +474,7 @@ each_backend!(
                 finished_at: Set(None),
                 error: Set(None),
                 fail_fast: Set(false),
+                paused_at: Set(None),
             }
             .insert(&t.db)
             .await
@@ -509,6 +522,10 @@ each_backend!(
                     needed_by: Set(0),
                     waits_on_stories: Set(false),
                     timeout_ms: Set(None),
+                    not_before_ms: Set(None),
+                    retry_delay: Set(None),
+                    priority: Set(0),
+                    limit_keys: Set(None),
                 }
                 .insert(&t.db)
                 .await

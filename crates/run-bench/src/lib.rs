@@ -25,6 +25,7 @@ pub mod memory;
 pub mod ordered;
 pub mod plot;
 pub mod report;
+pub mod scheduling;
 pub mod versioned_update;
 
 pub use bench_db::{Backend, BenchDb, Servers};

@@ -16,7 +16,7 @@ use run_bench::memory::{
 use run_bench::report::{self, Report, Section};
 use run_bench::{
     Profile, Servers, append_throughput, contention, executor, log_append, ordered, plot,
-    versioned_update,
+    scheduling, versioned_update,
 };
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -63,6 +63,8 @@ enum Scenario {
     Memory,
     /// 7: ordered plans: shapes of needs against a flat plan, and a chain's latency.
     Ordered,
+    /// 8: scheduling: limits against none, statements with a retry delay pending.
+    Scheduling,
 }
 
 #[derive(Debug, Subcommand)]
@@ -204,6 +206,13 @@ async fn run_suite(cli: &Cli) -> anyhow::Result<()> {
     if wanted(Scenario::Ordered) {
         let t = Instant::now();
         let r = ordered::run(&servers, &profile).await;
+        eprintln!("[run-bench] ... took {:.0} s", t.elapsed().as_secs_f64());
+        goals.extend(r.goals());
+        show(r.section(), &mut sections);
+    }
+    if wanted(Scenario::Scheduling) {
+        let t = Instant::now();
+        let r = scheduling::run(&servers, &profile).await;
         eprintln!("[run-bench] ... took {:.0} s", t.elapsed().as_secs_f64());
         goals.extend(r.goals());
         show(r.section(), &mut sections);

@@ -65,6 +65,9 @@ fn story(key: String, needs: Vec<PlanStoryRef>) -> PlanStory {
         max_attempts: 1,
         needs,
         timeout: None,
+        retry: None,
+        priority: 0,
+        limits: Vec::new(),
     }
 }
 
@@ -73,6 +76,7 @@ fn epic(key: &str, needs: Vec<String>, stories: Vec<PlanStory>) -> PlanEpic {
         key: key.into(),
         title: key.into(),
         needs,
+        priority: 0,
         stories,
     }
 }
@@ -157,6 +161,7 @@ fn plan(shape: Shape, n: usize) -> Plan {
         name: "ordered".into(),
         title: "ordered bench".into(),
         fail_fast: false,
+        limits: Default::default(),
         epics,
     }
 }
@@ -233,6 +238,7 @@ async fn chain_latency(bench: &BenchDb) -> anyhow::Result<(f64, f64)> {
         name: "chain".into(),
         title: "chain".into(),
         fail_fast: false,
+        limits: Default::default(),
         epics: vec![epic("a", vec![], stories)],
     };
     let run = create_run_from_plan(&bench.db, &plan).await?;

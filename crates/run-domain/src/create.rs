@@ -4,10 +4,12 @@
 use crate::error::CreateError;
 use crate::lifecycle::{EpicStatus, Lifecycle, RunStatus, StoryStatus};
 use chrono::Utc;
-use entity::{run, run_epic, run_log_head, run_story};
+use entity::{run, run_epic, run_limit, run_log_head, run_story, run_story_limit};
 use sea_orm::{
-    ActiveValue::Set, ConnectionTrait, EntityTrait, TransactionSession, TransactionTrait,
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, TransactionSession,
+    TransactionTrait,
 };
+use std::collections::HashMap;
 use uuid::Uuid;
 
 /// A run to create.
@@ -32,8 +34,10 @@ pub struct NewEpic {
     pub position: i32,
 }
 
-/// A story to create within an epic.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A story to create within an epic. Fields other than the key, title and position have
+/// defaults (`..Default::default()`): no command, one attempt, no timeout, no retry delay,
+/// priority 0, no limits.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct NewStory {
     /// Key, unique within the epic.
     pub key: String,
@@ -47,6 +51,12 @@ pub struct NewStory {
     pub max_attempts: i32,
     /// How long one attempt may run (none: unbounded); stored in milliseconds.
     pub timeout: Option<std::time::Duration>,
+    /// How long to wait after a failed attempt before the next (none: at once).
+    pub retry_delay: Option<crate::RetryDelay>,
+    /// Higher is claimed first among ready stories.
+    pub priority: i32,
+    /// The names of the limits it holds while it runs (each must exist: [`crate::define_limit`]).
+    pub limits: Vec<String>,
 }
 
 /// Creates a run (status pending, version 1) and its empty log.
@@ -81,6 +91,7 @@ where
         finished_at: Set(None),
         error: Set(None),
         fail_fast: Set(new.fail_fast),
+        paused_at: Set(None),
     })
     .exec_without_returning(&tx)
     .await?;
@@ -150,12 +161,23 @@ where
 {
     const CHUNK: usize = 500;
     let now = Utc::now();
+    let limit_ids = resolve_limits(db, &stories).await?;
     let tx = db.begin().await?;
     let mut ids = Vec::with_capacity(stories.len());
     let mut rows = Vec::with_capacity(CHUNK);
+    let mut holds = Vec::new();
     for story in stories {
         let id = Uuid::new_v4();
         ids.push(id);
+        let limit_keys = crate::limits::limit_keys_column(&story.limits);
+        for key in crate::limits::limit_keys_of(limit_keys.as_deref()) {
+            if let Some(&limit_id) = limit_ids.get(&key) {
+                holds.push(run_story_limit::ActiveModel {
+                    story_id: Set(id),
+                    limit_id: Set(limit_id),
+                });
+            }
+        }
         rows.push(run_story::ActiveModel {
             id: Set(id),
             run_id: Set(epic.run_id),
@@ -181,6 +203,10 @@ where
             timeout_ms: Set(story
                 .timeout
                 .map(|t| i64::try_from(t.as_millis()).unwrap_or(i64::MAX).max(1))),
+            not_before_ms: Set(None),
+            retry_delay: Set(story.retry_delay.map(|r| r.to_column())),
+            priority: Set(story.priority),
+            limit_keys: Set(limit_keys),
         });
         if rows.len() == CHUNK {
             run_story::Entity::insert_many(std::mem::take(&mut rows))
@@ -193,6 +219,40 @@ where
             .exec_without_returning(&tx)
             .await?;
     }
+    for chunk in holds.chunks(CHUNK) {
+        run_story_limit::Entity::insert_many(chunk.to_vec())
+            .exec_without_returning(&tx)
+            .await?;
+    }
     tx.commit().await?;
     Ok(ids)
+}
+
+/// The ids of the limits `stories` name, by name; a name that is no limit is an error.
+async fn resolve_limits<C: ConnectionTrait>(
+    db: &C,
+    stories: &[NewStory],
+) -> Result<HashMap<String, Uuid>, CreateError> {
+    let mut names: Vec<&str> = stories
+        .iter()
+        .flat_map(|s| s.limits.iter().map(String::as_str))
+        .collect();
+    if names.is_empty() {
+        return Ok(HashMap::new());
+    }
+    names.sort_unstable();
+    names.dedup();
+    let found: HashMap<String, Uuid> = run_limit::Entity::find()
+        .filter(run_limit::Column::Name.is_in(names.iter().copied()))
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|l| (l.name, l.id))
+        .collect();
+    match names.iter().find(|n| !found.contains_key(**n)) {
+        Some(missing) => Err(CreateError::LimitNotFound {
+            name: (*missing).to_owned(),
+        }),
+        None => Ok(found),
+    }
 }

@@ -89,6 +89,29 @@ pub enum TransitionError {
         /// none but the row in the database disagreed).
         unmet: i32,
     },
+    /// A story cannot start now although its version matched: a need has not completed, its
+    /// retry delay has not passed, or its run is paused (the conditions the start's statement
+    /// carries). Nothing changed.
+    #[error(
+        "{entity} {id} cannot start now: it waits for a need or its retry delay, or its run is paused"
+    )]
+    NotReady {
+        /// Which kind of row.
+        entity: &'static str,
+        /// The row's id.
+        id: Uuid,
+    },
+    /// A story cannot start now: every slot of a limit it holds is taken. Nothing changed
+    /// (no slot of any of its limits is held).
+    #[error("{entity} {id} cannot start now: limit {limit:?} is full")]
+    LimitFull {
+        /// Which kind of row.
+        entity: &'static str,
+        /// The row's id.
+        id: Uuid,
+        /// The limit that was full.
+        limit: String,
+    },
     /// The compare-and-swap failed (stale version, missing row, database error).
     #[error(transparent)]
     Concurrency(#[from] ConcurrencyError),
@@ -134,7 +157,44 @@ pub enum CreateError {
         /// Its id.
         id: Uuid,
     },
+    /// A story names a limit that does not exist ([`crate::define_limit`] it first).
+    #[error("limit {name:?} does not exist")]
+    LimitNotFound {
+        /// The limit's name.
+        name: String,
+    },
     /// The database refused (for example a duplicate key within a parent).
+    #[error(transparent)]
+    Database(#[from] DbErr),
+}
+
+/// Defining, changing or reading a concurrency limit failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LimitError {
+    /// The name is not a valid limit name.
+    #[error("{name:?} is not a valid limit name: {reason}")]
+    InvalidName {
+        /// The name given.
+        name: String,
+        /// Why.
+        reason: &'static str,
+    },
+    /// The capacity is out of range.
+    #[error("{capacity} is not a valid capacity: it must be between 0 and 1000000")]
+    InvalidCapacity {
+        /// The capacity given.
+        capacity: i64,
+    },
+    /// No limit has this name.
+    #[error("limit {name:?} does not exist")]
+    NotFound {
+        /// The name given.
+        name: String,
+    },
+    /// The compare-and-swap kept meeting newer versions, or the row vanished.
+    #[error(transparent)]
+    Concurrency(#[from] ConcurrencyError),
+    /// The database failed.
     #[error(transparent)]
     Database(#[from] DbErr),
 }

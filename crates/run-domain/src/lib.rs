@@ -7,15 +7,19 @@
 //! - [`lifecycle`]: run, epic and story statuses, their legal transitions, and [`transition`].
 //! - [`run_log`]: atomic, ordered, append-only run logs and cursor reads for followers.
 //! - [`create`]: new runs, epics and stories, at version 1.
+//! - [`schedule`]: retry delays and pausing: when a story may start.
+//! - [`limits`]: concurrency limits shared by every process.
 //! - [`connection`]: [`connect`] with the right defaults per backend.
 
 pub mod connection;
 pub mod create;
 pub mod error;
 pub mod lifecycle;
+pub mod limits;
 pub mod needs;
 pub mod retry;
 pub mod run_log;
+pub mod schedule;
 pub mod versioned;
 
 pub use connection::{
@@ -23,10 +27,14 @@ pub use connection::{
     redact_url,
 };
 pub use create::{NewEpic, NewRun, NewStory, create_epic, create_run, create_stories};
-pub use error::{ConcurrencyError, CreateError, LogError, TransitionError};
+pub use error::{ConcurrencyError, CreateError, LimitError, LogError, TransitionError};
 pub use lifecycle::{
     EpicStatus, HasStatus, Lifecycle, RunStatus, StoryStatus, UnknownStatus, transition,
     transition_with,
+};
+pub use limits::{
+    check_capacity, check_limit_name, define_limit, find_limit, limit_keys_column, limit_keys_of,
+    list_limits, set_limit,
 };
 pub use needs::{
     EpicNeed, StoryNeed, create_needs, let_go, mark_met, satisfy_epic, satisfy_run, satisfy_story,
@@ -36,8 +44,11 @@ pub use run_log::{
     AppendReceipt, LogBatch, LogCursor, LogEntry, LogPage, append_run_log, append_run_logs,
     append_run_logs_idempotent, read_run_log, read_run_log_after, write_run_log,
 };
+pub use schedule::{Backoff, RetryDelay, now_ms, run_not_paused};
 pub use versioned::{Changes, Versioned, VersionedUpdate};
 
+#[doc(hidden)]
+pub use sea_orm;
 #[doc(hidden)]
 pub use uuid;
 

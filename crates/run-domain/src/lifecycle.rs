@@ -7,7 +7,7 @@
 use crate::error::{ConcurrencyError, TransitionError};
 use crate::versioned::{Changes, Versioned};
 use chrono::Utc;
-use sea_orm::{ConnectionTrait, TransactionTrait};
+use sea_orm::{ConnectionTrait, TransactionSession, TransactionTrait};
 use std::fmt;
 use std::str::FromStr;
 
@@ -163,17 +163,33 @@ pub trait HasStatus: Versioned {
     fn unmet_needs_column() -> Option<Self::Column> {
         None
     }
+    /// The conditions a row must meet to start running, checked in the statement that starts
+    /// it (none by default).
+    fn start_guards() -> Vec<sea_orm::sea_query::SimpleExpr> {
+        Vec::new()
+    }
+    /// When the row may start at the earliest (Unix milliseconds; `None`: now).
+    fn not_before_of(_model: &Self::Model) -> Option<i64> {
+        None
+    }
+    /// The limits the row holds while it runs, sorted (none by default).
+    fn limit_keys_of(_model: &Self::Model) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 crate::versioned_entity!(entity::run, "run", status: RunStatus);
 crate::versioned_entity!(entity::run_epic, "run_epic", status: EpicStatus);
 crate::versioned_entity!(entity::run_story, "run_story", status: StoryStatus, needs: unmet_needs);
+crate::versioned_entity!(entity::run_limit, "run_limit");
 
 /// Moves `current` to status `to` by compare-and-swap on the version it was read at.
 ///
 /// Rejects a change the lifecycle forbids with [`TransitionError::Illegal`], and the start of a
-/// story whose needs have not all completed with [`TransitionError::Waiting`], before touching
-/// the database. Sets `started_at` on entering running and `finished_at` on entering a terminal
+/// story whose needs have not all completed with [`TransitionError::Waiting`] (or whose retry
+/// delay has not passed, [`TransitionError::NotReady`]), before touching the database. A start
+/// the database refuses although the version matched (a need, a delay, a paused run) is
+/// [`TransitionError::NotReady`]; a start whose limit is full is [`TransitionError::LimitFull`]. Sets `started_at` on entering running and `finished_at` on entering a terminal
 /// status (clearing it when a story goes back to pending).
 ///
 /// ```no_run
@@ -231,8 +247,9 @@ where
     // change of the counter moves the version on, and completed is terminal: so a model whose
     // version still matches at the compare-and-swap below has the counter the row has, and a 0
     // there stays true.
-    // The same condition is also part of the statement, so that a model whose counter was
-    // changed by its caller cannot start a story that still waits.
+    // The same condition is also part of the statement (with the retry delay and the run's
+    // pause: `E::start_guards`), so that a model whose fields were changed by its caller cannot
+    // start a story that must wait.
     let unmet = E::unmet_needs_of(current);
     let starting = to.is_running() && from == E::Status::INITIAL;
     if starting && unmet > 0 {
@@ -242,8 +259,19 @@ where
             unmet,
         });
     }
+    if starting && E::not_before_of(current).is_some_and(|t| t > crate::schedule::now_ms()) {
+        return Err(TransitionError::NotReady {
+            entity: E::NAME,
+            id,
+        });
+    }
     crate::versioned::check_reserved(&extra)?;
-    let guard = E::unmet_needs_column().filter(|_| starting);
+    let guards = if starting {
+        E::start_guards()
+    } else {
+        Vec::new()
+    };
+    let guarded = !guards.is_empty();
     let now = Utc::now();
     let mut changes = Changes::<E>::new();
     // The status column is reserved in `Changes`; this is the one place that sets it.
@@ -260,23 +288,53 @@ where
         changes = changes.set(E::finished_at_column(), None::<chrono::DateTime<Utc>>);
     }
     let mut changes = changes.merge(extra);
-    if let Some(column) = guard {
-        changes.guards.push(sea_orm::sea_query::ExprTrait::eq(
-            sea_orm::sea_query::Expr::col(column),
-            0,
-        ));
-    }
+    changes.guards.extend(guards);
     let expected = E::version_of(current);
-    match crate::versioned::compare_and_swap::<E, C>(db, id, expected, changes).await {
-        Ok(model) => Ok(model),
-        // The version matched but the guard did not: the row still waits for a need.
-        Err(ConcurrencyError::Conflict { actual, .. }) if guard.is_some() && actual == expected => {
-            Err(TransitionError::Waiting {
+    let miss = |e: ConcurrencyError| match e {
+        // The version matched but a condition did not: the row may not start now.
+        ConcurrencyError::Conflict { actual, .. } if guarded && actual == expected => {
+            TransitionError::NotReady {
                 entity: E::NAME,
                 id,
-                unmet,
-            })
+            }
         }
-        Err(e) => Err(e.into()),
+        e => e.into(),
+    };
+    // SAFETY(limit): a story holding limits takes their slots in the transaction that starts
+    // it, and gives them back in the one that ends its run (see `crate::limits`).
+    let keys = E::limit_keys_of(current);
+    let taking = starting;
+    let returning = from.is_running() && !to.is_running();
+    if keys.is_empty() || !(taking || returning) {
+        return crate::versioned::compare_and_swap::<E, C>(db, id, expected, changes)
+            .await
+            .map_err(miss);
     }
+    let tx = db.begin().await.map_err(ConcurrencyError::from)?;
+    let model = match crate::versioned::compare_and_swap::<E, _>(&tx, id, expected, changes).await {
+        Ok(model) => model,
+        Err(e) => {
+            tx.rollback().await.map_err(ConcurrencyError::from)?;
+            return Err(miss(e));
+        }
+    };
+    if taking {
+        if let Some(limit) = crate::limits::take_slots(&tx, &keys)
+            .await
+            .map_err(ConcurrencyError::from)?
+        {
+            tx.rollback().await.map_err(ConcurrencyError::from)?;
+            return Err(TransitionError::LimitFull {
+                entity: E::NAME,
+                id,
+                limit,
+            });
+        }
+    } else {
+        crate::limits::return_slots(&tx, &keys)
+            .await
+            .map_err(ConcurrencyError::from)?;
+    }
+    tx.commit().await.map_err(ConcurrencyError::from)?;
+    Ok(model)
 }

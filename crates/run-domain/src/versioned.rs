@@ -98,10 +98,18 @@ macro_rules! versioned_entity {
             ($($module)::+::Column::UnmetNeeds, "needs are counted down by run_domain::needs"),
             ($($module)::+::Column::NeededBy, "needs are created by run_domain::needs"),
             ($($module)::+::Column::WaitsOnStories, "needs are counted down by run_domain::needs"),
+            ($($module)::+::Column::LimitKeys, "limits are fixed when the story is created"),
         ], {
             fn unmet_needs_of(model: &Self::Model) -> i32 { model.$needs }
             fn unmet_needs_column() -> Option<Self::Column> {
                 Some($($module)::+::Column::UnmetNeeds)
+            }
+            fn start_guards() -> Vec<$crate::sea_orm::sea_query::SimpleExpr> {
+                $crate::schedule::story_start_guards()
+            }
+            fn not_before_of(model: &Self::Model) -> Option<i64> { model.not_before_ms }
+            fn limit_keys_of(model: &Self::Model) -> Vec<String> {
+                $crate::limits::limit_keys_of(model.limit_keys.as_deref())
             }
         });
     };
@@ -145,8 +153,8 @@ macro_rules! versioned_entity {
 #[derive(Debug, Clone)]
 pub struct Changes<E: EntityTrait> {
     pub(crate) sets: Vec<(E::Column, SimpleExpr)>,
-    /// Conditions the row must meet besides its version, checked in the same statement (set
-    /// only inside this crate: a story starts only while `unmet_needs = 0`).
+    /// Conditions the row must meet besides its version, checked in the same statement (a
+    /// story starts only while `unmet_needs = 0`, its delay passed, its run not paused).
     pub(crate) guards: Vec<SimpleExpr>,
 }
 
@@ -175,6 +183,15 @@ impl<E: EntityTrait> Changes<E> {
     /// atomically with the update.
     pub fn set_expr(mut self, column: E::Column, expr: SimpleExpr) -> Self {
         self.sets.push((column, expr));
+        self
+    }
+
+    /// Adds a condition the row must meet besides its version, checked in the same statement
+    /// (for example [`crate::run_not_paused`]). A row that fails it is not changed and is
+    /// reported as [`ConcurrencyError::Conflict`] with `actual` equal to `expected`. A
+    /// condition can only make the update match fewer rows, never more.
+    pub fn guard(mut self, condition: SimpleExpr) -> Self {
+        self.guards.push(condition);
         self
     }
 

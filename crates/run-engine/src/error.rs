@@ -1,6 +1,6 @@
 //! The executor's error type: what went wrong, and with which run.
 
-use run_domain::{ConcurrencyError, CreateError, LogError, Retryable, TransitionError};
+use run_domain::{ConcurrencyError, CreateError, LimitError, LogError, Retryable, TransitionError};
 use sea_orm::DbErr;
 use uuid::Uuid;
 
@@ -45,6 +45,17 @@ pub enum EngineError {
     /// Creating the run from a plan failed.
     #[error(transparent)]
     Create(#[from] CreateError),
+    /// Defining, changing or reading a concurrency limit failed.
+    #[error(transparent)]
+    Limit(#[from] LimitError),
+    /// No story of the run has this key (`epic.story`).
+    #[error("run {run_id} has no story {story}")]
+    StoryNotFound {
+        /// The run.
+        run_id: Uuid,
+        /// The key asked for.
+        story: String,
+    },
     /// A query failed.
     #[error("database error: {0}")]
     Database(#[from] DbErr),
@@ -80,9 +91,10 @@ impl EngineError {
             EngineError::Concurrency(c) => Retryable::is_transient(c),
             EngineError::Transition(t) => Retryable::is_transient(t),
             EngineError::Log(l) => Retryable::is_transient(l),
-            EngineError::Create(CreateError::Database(e)) | EngineError::Database(e) => {
-                run_domain::retry::is_transient(e)
-            }
+            EngineError::Create(CreateError::Database(e))
+            | EngineError::Limit(LimitError::Database(e))
+            | EngineError::Database(e) => run_domain::retry::is_transient(e),
+            EngineError::Limit(LimitError::Concurrency(c)) => Retryable::is_transient(c),
             EngineError::WorkerGaveUp { last, .. } => last.is_transient(),
             _ => false,
         }

@@ -151,7 +151,14 @@ where
         }
         // Every story is terminal, so the verdict can no longer change: its line may go in
         // before the epic's status, by whichever worker gets here.
-        let verdict = Verdict::of(counts.failed + counts.skipped, counts.cancelled);
+        // A skipped story stands for the failure that skipped it, unless a story of the
+        // epic was cancelled (then the skips follow from that: `cancel --story`).
+        let skips_as_failures = if counts.cancelled == 0 {
+            counts.skipped
+        } else {
+            0
+        };
+        let verdict = Verdict::of(counts.failed + skips_as_failures, counts.cancelled);
         let changes = if verdict == Verdict::Failed {
             Changes::new().set(run_epic::Column::Error, Some(failure_text(&counts)))
         } else {

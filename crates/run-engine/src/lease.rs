@@ -168,11 +168,12 @@ where
             }
             // SAFETY(fencing): the take-over bumps the version, so the previous holder's next
             // renewal or release, made from the version it knew, conflicts.
+            // Not while the run is paused: a take-over starts the story again.
             match run_story::Entity::update_versioned(
                 db,
                 candidate.id,
                 candidate.version,
-                lease_changes(),
+                lease_changes().guard(run_domain::run_not_paused()),
             )
             .await
             {
@@ -242,12 +243,15 @@ pub fn released_by(
 }
 
 /// Someone else got there first: a conflict, a vanished row, or a status the candidate no
-/// longer has; or the candidate still waits for a need (as read; it cannot be claimed yet).
+/// longer has; or the candidate cannot start now (a need, its retry delay, a paused run, a
+/// full limit).
 fn lost_race(e: &TransitionError) -> bool {
     matches!(
         e,
         TransitionError::Illegal { .. }
             | TransitionError::Waiting { .. }
+            | TransitionError::NotReady { .. }
+            | TransitionError::LimitFull { .. }
             | TransitionError::Concurrency(
                 ConcurrencyError::Conflict { .. } | ConcurrencyError::NotFound { .. }
             )
@@ -292,7 +296,8 @@ where
 pub enum Release {
     /// The work succeeded: completed.
     Completed,
-    /// The work failed: back to pending while attempts remain, else failed.
+    /// The work failed: back to pending while attempts remain (not claimed again before its
+    /// retry delay, if it has one, has passed), else failed.
     Failed {
         /// Stored in the story's `error`.
         error: String,
@@ -359,7 +364,12 @@ where
         (Release::Cancelled, _) => no_expiry,
         (Release::Failed { error }, StoryStatus::Pending) => no_expiry
             .set(run_story::Column::Error, Some(error))
-            .set(run_story::Column::LeaseOwner, None::<String>),
+            .set(run_story::Column::LeaseOwner, None::<String>)
+            .set(
+                run_story::Column::NotBeforeMs,
+                run_domain::RetryDelay::from_column(held.retry_delay.as_deref())
+                    .map(|r| r.not_before(held.attempts, run_domain::now_ms())),
+            ),
         (Release::Failed { error }, _) => no_expiry.set(run_story::Column::Error, Some(error)),
     };
     if to != StoryStatus::Completed || held.needed_by == 0 {

@@ -32,6 +32,7 @@
 //! ```
 
 pub mod cancel;
+pub mod control;
 pub mod error;
 pub mod executor;
 pub mod finish;
@@ -46,6 +47,7 @@ pub mod skip;
 pub mod status;
 
 pub use cancel::{CancelReport, cancel_leftovers, cancel_run};
+pub use control::{CancelStoryReport, PauseReport, cancel_story, pause_run, resume_run};
 pub use error::{EngineError, TransientDb};
 pub use executor::{
     Executor, ExecutorConfig, ExecutorEvent, Shutdown, ShutdownLevel, StoryRef, Summary,
@@ -69,4 +71,4 @@ pub use queries::{
 };
 pub use shell::ShellHandler;
 pub use skip::{skip_blocked, skip_dependents};
-pub use status::{EpicView, RunTree, RunView, StoryView, load_run_tree};
+pub use status::{EpicView, LimitView, RunTree, RunView, StoryView, load_run_tree};

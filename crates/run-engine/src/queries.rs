@@ -6,7 +6,7 @@
 use crate::error::EngineError;
 use crate::lease::lease_expired;
 use chrono::{DateTime, Utc};
-use entity::run_story;
+use entity::{run_limit, run_story, run_story_limit};
 use run_domain::{Lifecycle, StoryStatus};
 use sea_orm::sea_query::SimpleExpr;
 use sea_orm::{
@@ -118,9 +118,10 @@ impl StoryCounts {
     }
 }
 
-/// Up to `limit` pending stories of `run_id` whose needs have all completed, in position order:
-/// one look through the `(run_id, status, unmet_needs, position)` index, however many stories
-/// still wait.
+/// Up to `limit` pending stories of `run_id` that may start now: their needs all completed,
+/// their retry delay (if any) passed, and no limit they hold full; highest priority first,
+/// then in position order. One look through the `(run_id, status, unmet_needs, priority,
+/// position, not_before_ms)` index, however many stories still wait.
 pub async fn pending_candidates<C: ConnectionTrait>(
     db: &C,
     run_id: Uuid,
@@ -130,11 +131,62 @@ pub async fn pending_candidates<C: ConnectionTrait>(
         .filter(run_story::Column::RunId.eq(run_id))
         .filter(run_story::Column::Status.eq(StoryStatus::Pending.as_str()))
         .filter(run_story::Column::UnmetNeeds.eq(0))
+        .filter(run_domain::schedule::delay_passed(run_domain::now_ms()))
+        .filter(no_full_limit())
+        .order_by_desc(run_story::Column::Priority)
         .order_by_asc(run_story::Column::Position)
         .order_by_asc(run_story::Column::Id)
         .limit(limit)
         .all(db)
         .await?)
+}
+
+/// "No limit the story holds is full": a probe of `run_story_limit`'s key per row, so that a
+/// story without limits costs one index miss.
+fn no_full_limit() -> SimpleExpr {
+    use sea_orm::sea_query::{Expr, ExprTrait, Query};
+    Expr::exists(
+        Query::select()
+            .expr(Expr::val(1))
+            .from(run_story_limit::Entity)
+            .inner_join(
+                run_limit::Entity,
+                Expr::col((run_limit::Entity, run_limit::Column::Id))
+                    .equals((run_story_limit::Entity, run_story_limit::Column::LimitId)),
+            )
+            .and_where(
+                Expr::col((run_story_limit::Entity, run_story_limit::Column::StoryId))
+                    .equals((run_story::Entity, run_story::Column::Id)),
+            )
+            .and_where(
+                Expr::col((run_limit::Entity, run_limit::Column::InUse))
+                    .gte(Expr::col((run_limit::Entity, run_limit::Column::Capacity))),
+            )
+            .to_owned(),
+    )
+    .not()
+}
+
+/// The earliest time (Unix milliseconds) after `now_ms` at which a pending story of `run_id`
+/// whose needs have completed comes out of its retry delay: when an idle worker should look
+/// again, rather than poll.
+pub async fn next_retry_at<C: ConnectionTrait>(
+    db: &C,
+    run_id: Uuid,
+    now_ms: i64,
+) -> Result<Option<i64>, DbErr> {
+    use sea_orm::sea_query::{Expr, ExprTrait};
+    let next: Option<Option<i64>> = run_story::Entity::find()
+        .select_only()
+        .column_as(Expr::col(run_story::Column::NotBeforeMs).min(), "next")
+        .filter(run_story::Column::RunId.eq(run_id))
+        .filter(run_story::Column::Status.eq(StoryStatus::Pending.as_str()))
+        .filter(run_story::Column::UnmetNeeds.eq(0))
+        .filter(run_story::Column::NotBeforeMs.gt(now_ms))
+        .into_tuple()
+        .one(db)
+        .await?;
+    Ok(next.flatten())
 }
 
 /// Up to `limit` running stories of `run_id` whose lease ran out before `now`.

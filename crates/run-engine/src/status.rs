@@ -37,10 +37,35 @@ pub struct RunView {
     pub finished_at: Option<String>,
     /// Its error text.
     pub error: Option<String>,
+    /// Paused since (RFC 3339): nothing new starts until it is resumed.
+    pub paused_at: Option<String>,
     /// Its stories by status.
     pub counts: StoryCounts,
     /// Finished stories, percent.
     pub progress_percent: u64,
+    /// The limits its stories hold, with their use now (across every run).
+    pub limits: Vec<LimitView>,
+}
+
+/// A concurrency limit, for display.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LimitView {
+    /// Its name.
+    pub name: String,
+    /// How many stories holding it may run at once.
+    pub capacity: i32,
+    /// How many running stories hold it now.
+    pub in_use: i32,
+}
+
+impl From<entity::run_limit::Model> for LimitView {
+    fn from(l: entity::run_limit::Model) -> LimitView {
+        LimitView {
+            name: l.name,
+            capacity: l.capacity,
+            in_use: l.in_use,
+        }
+    }
 }
 
 /// An epic, for display.
@@ -98,6 +123,12 @@ pub struct StoryView {
     pub waiting_on: Vec<String>,
     /// How long one attempt may run (`1h 30m`), if bounded.
     pub timeout: Option<String>,
+    /// While pending after a failed attempt: when its retry delay passes (RFC 3339).
+    pub retry_at: Option<String>,
+    /// Higher is claimed first among ready stories.
+    pub priority: i32,
+    /// The limits it holds while it runs.
+    pub limits: Vec<String>,
 }
 
 /// A run with its epics and their stories.
@@ -109,7 +140,7 @@ pub struct RunTree {
     pub epics: Vec<EpicView>,
 }
 
-/// Reads a run with its epics, stories and needs (five queries).
+/// Reads a run with its epics, stories, needs and limits (five or six queries).
 ///
 /// ```no_run
 /// # async fn demo(db: &sea_orm::DatabaseConnection, run_id: uuid::Uuid) -> Result<(), run_engine::EngineError> {
@@ -143,6 +174,25 @@ pub async fn load_run_tree<C: ConnectionTrait>(
         .filter(run_epic_need::Column::RunId.eq(run_id))
         .all(db)
         .await?;
+    let mut limit_names: Vec<String> = stories
+        .iter()
+        .flat_map(|s| run_domain::limit_keys_of(s.limit_keys.as_deref()))
+        .collect();
+    limit_names.sort_unstable();
+    limit_names.dedup();
+    let limits: Vec<LimitView> = if limit_names.is_empty() {
+        Vec::new()
+    } else {
+        entity::run_limit::Entity::find()
+            .filter(entity::run_limit::Column::Name.is_in(limit_names))
+            .order_by_asc(entity::run_limit::Column::Name)
+            .all(db)
+            .await?
+            .into_iter()
+            .map(LimitView::from)
+            .collect()
+    };
+    let now_ms = run_domain::now_ms();
     let epic_by_id: HashMap<Uuid, &run_epic::Model> = epics.iter().map(|e| (e.id, e)).collect();
     let story_by_id: HashMap<Uuid, &run_story::Model> = stories.iter().map(|s| (s.id, s)).collect();
     let story_name = |id: Uuid| {
@@ -216,7 +266,15 @@ pub async fn load_run_tree<C: ConnectionTrait>(
                         } else {
                             Vec::new()
                         };
+                        let retry_at = s
+                            .not_before_ms
+                            .filter(|&t| t > now_ms && s.status == StoryStatus::Pending.as_str())
+                            .and_then(DateTime::<Utc>::from_timestamp_millis)
+                            .and_then(|t| ts(Some(t)));
                         StoryView {
+                            retry_at,
+                            priority: s.priority,
+                            limits: run_domain::limit_keys_of(s.limit_keys.as_deref()),
                             key: s.key,
                             title: s.title,
                             status: s.status,
@@ -255,8 +313,10 @@ pub async fn load_run_tree<C: ConnectionTrait>(
             started_at: ts(run.started_at),
             finished_at: ts(run.finished_at),
             error: run.error,
+            paused_at: ts(run.paused_at),
             counts: all,
             progress_percent: all.percent(),
+            limits,
         },
         epics,
     })
@@ -267,6 +327,10 @@ fn duration_between(start: &Option<String>, end: &Option<String>) -> Option<Stri
     let end: DateTime<Utc> = end.as_deref()?.parse().ok()?;
     let ms = (end - start).num_milliseconds().max(0);
     Some(format!("{}.{:02}s", ms / 1000, (ms % 1000) / 10))
+}
+
+fn is_finished(status: &str) -> bool {
+    run_domain::RunStatus::parse(status).is_some_and(|s| s.is_terminal())
 }
 
 fn counts_line(c: &StoryCounts) -> String {
@@ -302,9 +366,14 @@ impl RunTree {
     pub fn render(&self) -> String {
         let r = &self.run;
         let mut out = String::new();
+        let paused = if r.paused_at.is_some() && !is_finished(&r.status) {
+            " (paused)"
+        } else {
+            ""
+        };
         let _ = writeln!(
             out,
-            "run {} {} {:?}: {}, {}/{} finished ({}%): {}",
+            "run {} {} {:?}: {}{paused}, {}/{} finished ({}%): {}",
             r.id,
             r.key,
             r.title,
@@ -316,6 +385,14 @@ impl RunTree {
         );
         if let Some(error) = &r.error {
             let _ = writeln!(out, "   error: {error}");
+        }
+        if !r.limits.is_empty() {
+            let uses: Vec<String> = r
+                .limits
+                .iter()
+                .map(|l| format!("{} {}/{}", l.name, l.in_use, l.capacity))
+                .collect();
+            let _ = writeln!(out, "   limits in use: {}", uses.join(", "));
         }
         for (i, e) in self.epics.iter().enumerate() {
             let last_epic = i + 1 == self.epics.len();
@@ -361,6 +438,15 @@ impl RunTree {
                 }
                 if !s.waiting_on.is_empty() {
                     details.push(format!("waiting on {}", s.waiting_on.join(", ")));
+                }
+                if let Some(at) = &s.retry_at {
+                    details.push(format!("retry at {at}"));
+                }
+                if s.priority != 0 {
+                    details.push(format!("priority {}", s.priority));
+                }
+                if !s.limits.is_empty() {
+                    details.push(format!("limits {}", s.limits.join(", ")));
                 }
                 let _ = writeln!(
                     out,

@@ -442,7 +442,7 @@ each_backend! {
         let err = transition_with::<run_story::Entity, _>(&t.db, &forged, StoryStatus::Running, Default::default())
             .await
             .expect_err("the statement itself checks the counter");
-        assert!(matches!(err, TransitionError::Waiting { .. }), "{err:?}");
+        assert!(matches!(err, TransitionError::NotReady { .. }), "{err:?}");
         assert_eq!(story("second").await.status, "pending", "nothing was written");
 
         let TryClaim::Claimed(first) = try_claim(&t.db, &story("first").await, &lease, chrono::Utc::now())

@@ -15,6 +15,7 @@ use chrono::Utc;
 use entity::run_story;
 use run_domain::retry::{Schedule, TransientPolicy, retry_when};
 use run_domain::{ConcurrencyError, Lifecycle, StoryStatus, TransitionError, VersionedUpdate};
+use sea_orm::EntityTrait;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -167,6 +168,12 @@ impl Execution {
             }
         };
         if !line_first {
+            let line = match story.not_before_ms {
+                Some(at) if story.status == StoryStatus::Pending.as_str() => {
+                    retry_at_line(line, at)
+                }
+                _ => line,
+            };
             // Not waited for: it goes in with the next batch (at the latest before an epic or
             // the run is finished, or before the execution returns).
             log.line(line).await;
@@ -221,9 +228,20 @@ impl Execution {
 
     pub(super) async fn fenced(&self, sref: &StoryRef, log: &LogSink, worker: &str, detail: &str) {
         self.stats.fenced.fetch_add(1, Ordering::Relaxed);
-        log.line(format!(
-            "fenced off: {worker} lost its lease (another worker took the story over: {detail}); its result was not recorded"
-        ))
+        // Cancelled on its own (`cancel --story`), or taken over: say which.
+        let cancelled = run_story::Entity::find_by_id(sref.id)
+            .one(self.db())
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|s| s.status == StoryStatus::Cancelled.as_str());
+        log.line(if cancelled {
+            format!("stopped: the story was cancelled while {worker} ran it; its result was not recorded")
+        } else {
+            format!(
+                "fenced off: {worker} lost its lease (another worker took the story over: {detail}); its result was not recorded"
+            )
+        })
         .await;
         if let Err(e) = log.flush().await {
             self.log_lost(e);
@@ -288,6 +306,19 @@ pub(super) fn result_line(
             (StoryStatus::Cancelled, _) => format!("cancelled on {worker}"),
             (other, _) => format!("{other} on {worker}"),
         },
+    }
+}
+
+/// `line` ("...; will retry") with when: its retry delay passes at `at_ms` (Unix ms).
+pub(super) fn retry_at_line(line: String, at_ms: i64) -> String {
+    let wait = Duration::from_millis(u64::try_from(at_ms - run_domain::now_ms()).unwrap_or(0));
+    match chrono::DateTime::<Utc>::from_timestamp_millis(at_ms) {
+        Some(t) => format!(
+            "{line} at {} (in {})",
+            t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            crate::plan::duration::describe(wait)
+        ),
+        None => line,
     }
 }
 
@@ -429,6 +460,10 @@ mod tests {
             needed_by: 0,
             waits_on_stories: false,
             timeout_ms: None,
+            not_before_ms: None,
+            retry_delay: None,
+            priority: 0,
+            limit_keys: None,
         };
         let fail = Release::Failed {
             error: "boom".into(),

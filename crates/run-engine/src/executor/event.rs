@@ -109,6 +109,11 @@ pub struct Summary {
     /// Writes of this executor whose answer was lost but that had committed (a claim, a
     /// renewal, a result), recognised on re-reading the row.
     pub recognised: u64,
+    /// Claim statements this executor sent (one per story it tried to claim; a story waiting
+    /// for its retry delay, a paused run or a full limit is not tried).
+    pub claims_tried: u64,
+    /// Reads this executor made to find work: candidate queries and idle looks.
+    pub looks: u64,
     /// True when a shutdown stopped the executor before the run was finished.
     pub interrupted: bool,
     /// How long the execution took.

@@ -104,6 +104,8 @@ pub(super) struct Stats {
     pub(super) given_back: AtomicU64,
     pub(super) retried: AtomicU64,
     pub(super) recognised: AtomicU64,
+    pub(super) claims_tried: AtomicU64,
+    pub(super) looks: AtomicU64,
 }
 
 /// One execution of one run by this process.
@@ -112,6 +114,8 @@ pub(super) struct Execution {
     pub(super) run_id: Uuid,
     pub(super) epic_keys: HashMap<Uuid, String>,
     pub(super) run_status: watch::Receiver<RunStatus>,
+    /// Whether the run is paused (nothing new starts until it is resumed).
+    pub(super) paused: watch::Receiver<bool>,
     pub(super) shutdown: Shutdown,
     pub(super) started_epics: Mutex<HashSet<Uuid>>,
     pub(super) run_started: AtomicBool,

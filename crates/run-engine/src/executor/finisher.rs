@@ -90,14 +90,15 @@ impl Execution {
         }
     }
 
-    /// Puts `ready` stories at the front of this process's queue and wakes idle workers.
+    /// Puts `ready` stories in this process's queue, ahead of every story of lower or equal
+    /// priority, and wakes idle workers.
     pub(super) async fn hand_over(&self, ready: Vec<run_story::Model>) {
         if ready.is_empty() {
             return;
         }
         let mut candidates = self.candidates.lock().await;
         for story in ready.into_iter().rev() {
-            candidates.queue.push_front(story);
+            candidates.put_first_of_its_priority(story);
         }
         drop(candidates);
         self.wake.notify_waiters();

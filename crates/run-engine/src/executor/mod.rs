@@ -213,11 +213,13 @@ impl Executor {
             .map(|e| (e.id, e.key))
             .collect();
         let (status_tx, status_rx) = watch::channel(status);
+        let (paused_tx, paused_rx) = watch::channel(run.paused_at.is_some());
         let execution = Arc::new(Execution {
             inner: self.inner.clone(),
             run_id,
             epic_keys,
             run_status: status_rx,
+            paused: paused_rx,
             shutdown: shutdown.clone(),
             started_epics: Mutex::new(HashSet::new()),
             run_started: AtomicBool::new(status != RunStatus::Pending),
@@ -234,7 +236,12 @@ impl Executor {
 
         let mut first_error = None;
         if !status.is_terminal() {
-            let watcher = AbortOnDrop(tokio::spawn(watch_run(db.clone(), run_id, status_tx)));
+            let watcher = AbortOnDrop(tokio::spawn(watch_run(
+                db.clone(),
+                run_id,
+                status_tx,
+                paused_tx,
+            )));
             // Dropping this future (a caller's timeout) stops the workers and their handlers;
             // the stories they held are taken over once their leases expire.
             let mut workers: Vec<_> = (0..self.inner.config.workers)
@@ -302,6 +309,8 @@ impl Executor {
             given_back: stats.given_back.load(Ordering::Relaxed),
             retried: stats.retried.load(Ordering::Relaxed),
             recognised: stats.recognised.load(Ordering::Relaxed),
+            claims_tried: stats.claims_tried.load(Ordering::Relaxed),
+            looks: stats.looks.load(Ordering::Relaxed),
             interrupted: shutdown.level() != ShutdownLevel::Running && counts.unfinished() > 0,
             elapsed: started.elapsed(),
         })

@@ -7,7 +7,7 @@ use super::event::ExecutorEvent;
 use super::execution::Execution;
 use crate::error::EngineError;
 use crate::lease::{Claim, Lease, TryClaim, claimed_by, try_claim};
-use crate::queries::{expired_leases, pending_candidates, run_has_story_in};
+use crate::queries::{expired_leases, next_retry_at, pending_candidates, run_has_story_in};
 use chrono::Utc;
 use entity::run_story;
 use run_domain::retry::{Schedule, TransientPolicy, backoff};
@@ -26,21 +26,35 @@ impl Execution {
         let mut failing_since: Option<Instant> = None;
         let mut shutdown = self.shutdown.subscribe();
         let mut run_status = self.run_status.clone();
+        let mut paused = self.paused.clone();
+        let mut told_paused = false;
         loop {
             if self.stop_claiming() {
                 return Ok(());
             }
             let step = match self.claim_next(&lease).await {
+                Ok(Step::Idle) if *self.paused.borrow() => Ok(Step::Paused),
                 Ok(Step::Idle) => match self.idle_look().await {
-                    Ok((false, false)) => return Ok(()),
-                    Ok((_, running)) => {
-                        if !running {
+                    Ok(Look {
+                        pending: false,
+                        running: false,
+                        ..
+                    }) => return Ok(()),
+                    Ok(Look {
+                        running,
+                        next_retry_ms,
+                        ..
+                    }) => {
+                        if !running && next_retry_ms.is_none() {
                             // Stories wait and none runs: a need may have failed in a process
                             // that died before skipping its dependents, or an epic may be done
                             // that nobody finished.
                             self.sweep().await;
                         }
-                        Ok(Step::Idle)
+                        Ok(match next_retry_ms {
+                            Some(at) => Step::Until { at, poll: running },
+                            None => Step::Idle,
+                        })
                     }
                     Err(e) => Err(e),
                 },
@@ -57,14 +71,37 @@ impl Execution {
                 Ok(Step::Contended) => {
                     tokio::time::sleep(Duration::from_millis(fastrand::u64(0..=5))).await;
                 }
-                Ok(Step::Idle) => {
+                Ok(idle @ (Step::Idle | Step::Until { .. } | Step::Paused)) => {
                     // Jitter, so that idle workers of many processes do not poll in step.
                     let poll = self.config().poll_interval;
-                    let wait = poll.mul_f64(0.5 + fastrand::f64());
+                    let jittered = poll.mul_f64(0.5 + fastrand::f64());
+                    let wait = match idle {
+                        // Nothing runs anywhere: nothing can become claimable before the
+                        // first retry delay passes (a resume or a cancel is watched), so sleep
+                        // until then instead of polling.
+                        Step::Until { at, poll: false } => until(at),
+                        Step::Until { at, poll: true } => until(at).min(jittered),
+                        // The run watch tells when it is resumed.
+                        Step::Paused => {
+                            if n == 0 && !told_paused {
+                                told_paused = true;
+                                self.warn(format!(
+                                    "run {} is paused: nothing new starts until `run-engine resume {}`",
+                                    self.run_id, self.run_id
+                                ));
+                            }
+                            Duration::MAX
+                        }
+                        _ => jittered,
+                    };
+                    if !matches!(idle, Step::Paused) {
+                        told_paused = false;
+                    }
                     tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
+                        _ = sleep_for(wait) => {}
                         _ = shutdown.changed() => {}
                         _ = run_status.changed() => {}
+                        _ = paused.changed() => {}
                         _ = self.wake.notified() => {}
                     }
                 }
@@ -99,25 +136,36 @@ impl Execution {
             }
         }
     }
-    /// Whether the run has pending stories and running ones: two indexed looks, asked when a
-    /// worker found nothing to claim.
-    pub(super) async fn idle_look(&self) -> Result<(bool, bool), EngineError> {
+    /// Whether the run has pending stories and running ones, and when the first retry delay
+    /// passes: indexed looks, asked when a worker found nothing to claim.
+    pub(super) async fn idle_look(&self) -> Result<Look, EngineError> {
         let db = self.db();
+        self.stats.looks.fetch_add(1, Ordering::Relaxed);
         let pending = run_has_story_in(db, self.run_id, StoryStatus::Pending).await?;
         let running = run_has_story_in(db, self.run_id, StoryStatus::Running).await?;
-        Ok((pending, running))
+        let next_retry_ms = if pending {
+            next_retry_at(db, self.run_id, run_domain::now_ms()).await?
+        } else {
+            None
+        };
+        Ok(Look {
+            pending,
+            running,
+            next_retry_ms,
+        })
     }
     pub(super) async fn claim_next(&self, lease: &Lease) -> Result<Step, EngineError> {
         let db = self.db();
         let window = self.config().candidate_window.max(1);
         // Bounded, so that a worker meeting only candidates others took first backs off.
         for _ in 0..window {
-            if self.stop_claiming() {
+            if self.stop_claiming() || *self.paused.borrow() {
                 return Ok(Step::Idle);
             }
             let Some(candidate) = self.next_candidate(window).await? else {
                 return Ok(Step::Idle);
             };
+            self.stats.claims_tried.fetch_add(1, Ordering::Relaxed);
             match try_claim(db, &candidate, lease, Utc::now()).await {
                 Ok(TryClaim::Claimed(claim)) => return Ok(Step::Claimed(Box::new(claim))),
                 Ok(TryClaim::Exhausted(story)) => self.on_exhausted(story).await,
@@ -148,6 +196,7 @@ impl Execution {
             .is_none_or(|t| t.elapsed() >= EXPIRY_CHECK_EVERY);
         if candidates.queue.is_empty() || due {
             let mut fresh = if candidates.queue.is_empty() {
+                self.stats.looks.fetch_add(1, Ordering::Relaxed);
                 pending_candidates(db, self.run_id, window).await?
             } else {
                 Vec::new()
@@ -157,10 +206,17 @@ impl Execution {
                 let limit = usize::try_from(window).unwrap_or(usize::MAX);
                 fresh.extend(expired_leases(db, self.run_id, Utc::now(), limit).await?);
             }
-            // Shuffled, so that the workers of other processes, reading the same window, do
-            // not try the same stories in the same order.
-            fastrand::shuffle(&mut fresh);
-            candidates.queue.extend(fresh);
+            // Shuffled within each priority, so that the workers of other processes, reading
+            // the same window, do not try the same stories in the same order, while higher
+            // priorities still come first.
+            shuffle_within_priority(&mut fresh);
+            if candidates.queue.is_empty() {
+                candidates.queue.extend(fresh);
+            } else {
+                for story in fresh {
+                    candidates.put_last_of_its_priority(story);
+                }
+            }
         }
         Ok(candidates.queue.pop_front())
     }
@@ -217,12 +273,83 @@ pub(super) enum Step {
     Contended,
     /// Nothing claimable right now.
     Idle,
+    /// Nothing claimable before `at` (Unix milliseconds), when a retry delay passes; `poll`:
+    /// stories run meanwhile, so look at the usual interval too.
+    Until {
+        at: i64,
+        poll: bool,
+    },
+    /// The run is paused.
+    Paused,
 }
 
-/// This process's queue of stories to try to claim.
+/// What an idle worker saw of the run.
+pub(super) struct Look {
+    pub(super) pending: bool,
+    pub(super) running: bool,
+    /// When the first retry delay of a story that waits for nothing else passes.
+    pub(super) next_retry_ms: Option<i64>,
+}
+
+/// How long from now until `at_ms` (Unix milliseconds); zero once passed.
+fn until(at_ms: i64) -> Duration {
+    let left = at_ms.saturating_sub(run_domain::now_ms());
+    Duration::from_millis(u64::try_from(left).unwrap_or(0))
+}
+
+/// Sleeps for `d`, or forever for [`Duration::MAX`] (or anything past a year).
+async fn sleep_for(d: Duration) {
+    match Instant::now().checked_add(d) {
+        Some(deadline) if d < Duration::from_secs(365 * 24 * 3600) => {
+            tokio::time::sleep_until(deadline).await;
+        }
+        _ => std::future::pending::<()>().await,
+    }
+}
+
+/// Orders `stories` by priority, highest first, shuffling those of equal priority.
+pub(super) fn shuffle_within_priority(stories: &mut [run_story::Model]) {
+    stories.sort_by_key(|s| std::cmp::Reverse(s.priority));
+    let mut start = 0;
+    while start < stories.len() {
+        let p = stories[start].priority;
+        let end = stories[start..]
+            .iter()
+            .position(|s| s.priority != p)
+            .map_or(stories.len(), |k| start + k);
+        if let Some(group) = stories.get_mut(start..end) {
+            fastrand::shuffle(group);
+        }
+        start = end;
+    }
+}
+
+/// This process's queue of stories to try to claim, highest priority first.
 #[derive(Default)]
 pub(super) struct Candidates {
     pub(super) queue: VecDeque<run_story::Model>,
     /// When running stories were last looked at for expired leases.
     pub(super) last_expiry_check: Option<Instant>,
+}
+
+impl Candidates {
+    /// Queues `story` ahead of every story of lower or equal priority.
+    pub(super) fn put_first_of_its_priority(&mut self, story: run_story::Model) {
+        let at = self
+            .queue
+            .iter()
+            .position(|s| s.priority <= story.priority)
+            .unwrap_or(self.queue.len());
+        self.queue.insert(at, story);
+    }
+
+    /// Queues `story` behind every story of higher or equal priority.
+    pub(super) fn put_last_of_its_priority(&mut self, story: run_story::Model) {
+        let at = self
+            .queue
+            .iter()
+            .position(|s| s.priority < story.priority)
+            .unwrap_or(self.queue.len());
+        self.queue.insert(at, story);
+    }
 }

@@ -1,4 +1,5 @@
-//! Watching the run's status, so workers notice a cancellation without asking themselves.
+//! Watching the run's status and pause, so workers notice a cancellation or a pause without
+//! asking themselves.
 
 use super::RUN_WATCH_EVERY;
 use entity::run;
@@ -7,9 +8,14 @@ use sea_orm::{DatabaseConnection, EntityTrait};
 use tokio::sync::watch;
 use uuid::Uuid;
 
-/// Publishes the run's status as read every [`RUN_WATCH_EVERY`], so workers notice a
-/// cancellation without asking the database themselves.
-pub(super) async fn watch_run(db: DatabaseConnection, run_id: Uuid, tx: watch::Sender<RunStatus>) {
+/// Publishes the run's status, and whether it is paused, as read every [`RUN_WATCH_EVERY`], so
+/// workers notice a cancellation or a pause without asking the database themselves.
+pub(super) async fn watch_run(
+    db: DatabaseConnection,
+    run_id: Uuid,
+    tx: watch::Sender<RunStatus>,
+    paused: watch::Sender<bool>,
+) {
     let mut tick = tokio::time::interval(RUN_WATCH_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -21,6 +27,12 @@ pub(super) async fn watch_run(db: DatabaseConnection, run_id: Uuid, tx: watch::S
             tx.send_if_modified(|current| {
                 let changed = *current != status;
                 *current = status;
+                changed
+            });
+            let now_paused = run.paused_at.is_some();
+            paused.send_if_modified(|current| {
+                let changed = *current != now_paused;
+                *current = now_paused;
                 changed
             });
         }

@@ -7,10 +7,18 @@
 //!
 //! [defaults]                  # optional: what every story has unless it says otherwise
 //! timeout = "30m"             # how long one attempt may run (humantime: 90s, 1h 30m)
+//! retry = { delay = "10s", backoff = "exponential", max_delay = "10m" }
+//!                             # wait before retrying a failed attempt (backoff: exponential,
+//!                             # the default, or constant; jitter = true adds up to 25%)
+//!
+//! [limits]                    # optional: named limits shared by every process and run
+//! llm = 3                     # at most 3 stories holding "llm" run at once (created if new;
+//!                             # an existing limit keeps its capacity: `run-engine limits set`)
 //!
 //! [[epics]]
 //! key = "build"
 //! title = "Build"             # optional, defaults to the key
+//! priority = 5                # optional, default 0: its stories' priority
 //!
 //! [[epics.stories]]
 //! key = "compile"
@@ -18,6 +26,9 @@
 //! command = "echo compiling && sleep 0.2"
 //! max_attempts = 2            # optional, default 1
 //! timeout = "10m"             # optional, else [defaults] timeout, else none
+//! retry = { delay = "1s" }    # optional, else [defaults] retry, else retried at once
+//! priority = 10               # optional, else the epic's: higher is claimed first
+//! limits = ["llm"]            # optional: holds a slot of each while it runs
 //!
 //! [[epics]]
 //! key = "test"
@@ -52,6 +63,7 @@ mod needs;
 #[cfg(test)]
 mod needs_tests;
 mod scc;
+mod schedule;
 mod validate;
 
 use crate::error::EngineError;
@@ -79,6 +91,8 @@ pub struct Plan {
     pub title: String,
     /// Stop the run at the first story that fails all its attempts (default false).
     pub fail_fast: bool,
+    /// The limits of `[limits]`: name and capacity.
+    pub limits: std::collections::BTreeMap<String, i32>,
     /// The epics, in file order (at least one).
     pub epics: Vec<PlanEpic>,
 }
@@ -93,6 +107,8 @@ pub struct PlanEpic {
     /// The keys of the epics whose stories must all complete before this epic's stories
     /// start, in file order (each an epic of the plan, not this one, at most once).
     pub needs: Vec<String>,
+    /// Its `priority` (default 0), which its stories have unless they give their own.
+    pub priority: i32,
     /// The stories, in file order (at least one).
     pub stories: Vec<PlanStory>,
 }
@@ -113,6 +129,13 @@ pub struct PlanStory {
     /// The stories that must complete before this one starts, resolved, in file order (each
     /// a story of the plan, not this one, at most once).
     pub needs: Vec<StoryRef>,
+    /// How long to wait after a failed attempt (`retry`, else `[defaults] retry`; none: at
+    /// once).
+    pub retry: Option<run_domain::RetryDelay>,
+    /// Higher is claimed first among ready stories (`priority`, else the epic's, else 0).
+    pub priority: i32,
+    /// The limits it holds while it runs (each declared in `[limits]`, at most once).
+    pub limits: Vec<String>,
 }
 
 /// A story named by its epic's key and its own key, as a resolved `needs` entry; shown as
@@ -286,6 +309,9 @@ where
         },
     )
     .await?;
+    for (name, capacity) in &plan.limits {
+        run_domain::define_limit(&tx, name, i64::from(*capacity)).await?;
+    }
     let mut epic_ids: HashMap<&str, Uuid> = HashMap::new();
     let mut story_ids: HashMap<(&str, &str), Uuid> = HashMap::new();
     for (i, epic) in plan.epics.iter().enumerate() {
@@ -310,6 +336,9 @@ where
                 command: Some(s.command.clone()),
                 max_attempts: s.max_attempts,
                 timeout: s.timeout,
+                retry_delay: s.retry,
+                priority: s.priority,
+                limits: s.limits.clone(),
             })
             .collect();
         let ids = create_stories(&tx, &created, stories).await?;

@@ -2,6 +2,7 @@
 
 use super::duration::duration;
 use super::needs::{RawNeeds, check_needs};
+use super::schedule::{RawRetry, declared_limits, priority, retry_delay, story_limits};
 use super::{Plan, PlanEpic, PlanProblem, PlanStory};
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -26,6 +27,8 @@ pub(super) struct RawPlan {
     fail_fast: bool,
     defaults: Option<RawDefaults>,
     #[serde(default)]
+    limits: std::collections::BTreeMap<String, Spanned<i64>>,
+    #[serde(default)]
     epics: Vec<RawEpic>,
 }
 
@@ -34,6 +37,7 @@ pub(super) struct RawPlan {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawDefaults {
     timeout: Option<Spanned<String>>,
+    retry: Option<RawRetry>,
 }
 
 #[derive(Deserialize)]
@@ -42,6 +46,7 @@ pub(super) struct RawEpic {
     key: Spanned<String>,
     title: Option<Spanned<String>>,
     needs: Option<Vec<Spanned<String>>>,
+    priority: Option<Spanned<i64>>,
     #[serde(default)]
     stories: Vec<RawStory>,
 }
@@ -55,6 +60,9 @@ pub(super) struct RawStory {
     max_attempts: Option<Spanned<i64>>,
     needs: Option<Vec<Spanned<String>>>,
     timeout: Option<Spanned<String>>,
+    retry: Option<RawRetry>,
+    priority: Option<Spanned<i64>>,
+    limits: Option<Vec<Spanned<String>>>,
 }
 
 /// The 1-based line and column of byte `offset` in `text`.
@@ -228,10 +236,16 @@ pub(super) fn validate(text: &str, raw: RawPlan, problems: &mut Vec<PlanProblem>
     check_key(text, &raw.name, "name", "plan name", problems);
     let name = raw.name.get_ref().clone();
     let title = title_of(text, raw.title, &name, "title".into(), problems);
-    let default_timeout = raw
-        .defaults
-        .and_then(|d| d.timeout)
-        .and_then(|t| duration(text, &t, "defaults.timeout".into(), problems));
+    let (default_timeout, default_retry) = match raw.defaults {
+        Some(d) => (
+            d.timeout
+                .and_then(|t| duration(text, &t, "defaults.timeout".into(), problems)),
+            d.retry
+                .and_then(|r| retry_delay(text, &r, "defaults.retry", problems)),
+        ),
+        None => (None, None),
+    };
+    let limits = declared_limits(text, raw.limits, problems);
     if raw.epics.is_empty() {
         problems.push(PlanProblem {
             line: None,
@@ -260,6 +274,9 @@ pub(super) fn validate(text: &str, raw: RawPlan, problems: &mut Vec<PlanProblem>
             epic_lines.insert(key.clone(), line);
         }
         let title = title_of(text, epic.title, &key, format!("{field}.title"), problems);
+        let epic_priority = epic
+            .priority
+            .and_then(|p| priority(text, &p, format!("{field}.priority"), problems));
         if epic.stories.is_empty() {
             problems.push(at(
                 text,
@@ -350,6 +367,22 @@ pub(super) fn validate(text: &str, raw: RawPlan, problems: &mut Vec<PlanProblem>
                 Some(t) => duration(text, t, format!("{sfield}.timeout"), problems),
                 None => default_timeout,
             };
+            let retry = match &story.retry {
+                Some(r) => retry_delay(text, r, &format!("{sfield}.retry"), problems),
+                None => default_retry,
+            };
+            let story_priority = story
+                .priority
+                .and_then(|p| priority(text, &p, format!("{sfield}.priority"), problems))
+                .or(epic_priority)
+                .unwrap_or(0);
+            let story_limits = story_limits(
+                text,
+                story.limits.unwrap_or_default(),
+                &limits,
+                &format!("{sfield}.limits"),
+                problems,
+            );
             story_needs.push(story.needs.unwrap_or_default());
             stories.push(PlanStory {
                 key: skey,
@@ -358,6 +391,9 @@ pub(super) fn validate(text: &str, raw: RawPlan, problems: &mut Vec<PlanProblem>
                 max_attempts,
                 needs: Vec::new(),
                 timeout,
+                retry,
+                priority: story_priority,
+                limits: story_limits,
             });
         }
         needs.push(RawNeeds {
@@ -368,6 +404,7 @@ pub(super) fn validate(text: &str, raw: RawPlan, problems: &mut Vec<PlanProblem>
             key,
             title,
             needs: Vec::new(),
+            priority: epic_priority.unwrap_or(0),
             stories,
         });
     }
@@ -377,6 +414,7 @@ pub(super) fn validate(text: &str, raw: RawPlan, problems: &mut Vec<PlanProblem>
         name,
         title,
         fail_fast: raw.fail_fast,
+        limits,
         epics,
     }
 }

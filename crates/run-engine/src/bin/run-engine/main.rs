@@ -1,5 +1,5 @@
 //! `run-engine`: create runs from plan files, execute them with parallel workers in any number
-//! of processes, and watch, follow or cancel them.
+//! of processes, and watch, follow, pause or cancel them; list and change concurrency limits.
 //!
 //! The database is `--database-url`, else `DATABASE_URL` (also read from a `.env` file), else a
 //! SQLite file `run-engine.db` in the working directory. Migrations are applied on first use.
@@ -17,7 +17,10 @@ use connect::render_error;
 use connect::scrub_password;
 use execute::execute;
 use logs::logs;
-use run_engine::{Graph, GraphFormat, Plan, cancel_run, create_run_from_plan, load_run_tree};
+use run_engine::{
+    Graph, GraphFormat, Plan, StoryCounts, cancel_run, cancel_story, create_run_from_plan,
+    load_run_tree, pause_run, resume_run,
+};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -91,10 +94,29 @@ enum Command {
         #[arg(long, short)]
         follow: bool,
     },
-    /// Cancel a run: nothing new starts, running stories are stopped
+    /// Cancel a run (nothing new starts, running stories are stopped), or one story of it
     Cancel {
         /// The run's id
         run_id: Uuid,
+        /// Cancel only this story, `epic.story`: pending, it is cancelled at once; running, its
+        /// worker stops it within a third of its lease. The stories that need it are skipped
+        #[arg(long, value_name = "EPIC.STORY")]
+        story: Option<String>,
+    },
+    /// Pause a run: no story of it starts in any process until `resume`; running ones finish
+    Pause {
+        /// The run's id
+        run_id: Uuid,
+    },
+    /// Resume a paused run
+    Resume {
+        /// The run's id
+        run_id: Uuid,
+    },
+    /// List the concurrency limits with their use now, or change one (`limits set llm 5`)
+    Limits {
+        #[command(subcommand)]
+        action: Option<LimitsAction>,
     },
     /// Print the graph of what needs what: of a plan file, or of a run with each story's status
     Graph {
@@ -103,6 +125,17 @@ enum Command {
         /// Output format: `dot` (Graphviz: `| dot -Tsvg > graph.svg`) or `mermaid`
         #[arg(long, default_value = "dot")]
         format: GraphFormat,
+    },
+}
+
+#[derive(Subcommand)]
+enum LimitsAction {
+    /// Set a limit's capacity (creating it if new); every process obeys it at once
+    Set {
+        /// The limit's name (letters, digits, `_`, `-`, `.`)
+        name: String,
+        /// How many stories holding it may run at once, across every process (0 to 1000000)
+        capacity: i64,
     },
 }
 
@@ -139,6 +172,7 @@ async fn run(command: Command, url: &str) -> Result<ExitCode> {
         Command::Create { plan } => {
             let plan = load_plan(&plan)?;
             let db = open(url).await?;
+            note_limits(&db, &plan).await?;
             let run = create_run_from_plan(&db, &plan)
                 .await
                 .context("creating the run")?;
@@ -148,6 +182,7 @@ async fn run(command: Command, url: &str) -> Result<ExitCode> {
         Command::Run { plan: path, exec } => {
             let plan = load_plan(&path)?;
             let db = open(url).await?;
+            note_limits(&db, &plan).await?;
             let run = create_run_from_plan(&db, &plan)
                 .await
                 .context("creating the run")?;
@@ -189,7 +224,34 @@ async fn run(command: Command, url: &str) -> Result<ExitCode> {
             print!("{}", graph.render(format));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Cancel { run_id } => {
+        Command::Cancel {
+            run_id,
+            story: Some(story),
+        } => {
+            let db = open(url).await?;
+            let report = cancel_story(&db, run_id, &story).await?;
+            if report.cancelled() {
+                let stop = if report.was == "running" {
+                    " (its worker stops it)"
+                } else {
+                    ""
+                };
+                println!("story {story} cancelled{stop}");
+            } else {
+                println!(
+                    "story {story} was already {}: nothing to cancel",
+                    report.story.status
+                );
+            }
+            for s in &report.skipped {
+                println!("  skipped {}", s.key);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cancel {
+            run_id,
+            story: None,
+        } => {
             let db = open(url).await?;
             let report = cancel_run(&db, run_id).await?;
             println!(
@@ -205,7 +267,75 @@ async fn run(command: Command, url: &str) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Pause { run_id } => {
+            let db = open(url).await?;
+            let report = pause_run(&db, run_id).await?;
+            let running = StoryCounts::of_run(&db, run_id).await?.running;
+            println!(
+                "run {run_id} {}: nothing new starts until `run-engine resume {run_id}`; {running} running (they finish)",
+                if report.changed {
+                    "paused"
+                } else {
+                    "was already paused"
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Resume { run_id } => {
+            let db = open(url).await?;
+            let report = resume_run(&db, run_id).await?;
+            println!(
+                "run {run_id} {}",
+                if report.changed {
+                    "resumed"
+                } else {
+                    "was not paused"
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Limits { action } => {
+            let db = open(url).await?;
+            if let Some(LimitsAction::Set { name, capacity }) = action {
+                let limit = run_domain::set_limit(&db, &name, capacity).await?;
+                println!(
+                    "limit {} set to {} ({} in use now)",
+                    limit.name, limit.capacity, limit.in_use
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            let limits = run_domain::list_limits(&db).await?;
+            if limits.is_empty() {
+                println!(
+                    "no limits (declare them in a plan's [limits], or `run-engine limits set NAME N`)"
+                );
+            }
+            let width = limits.iter().map(|l| l.name.len()).max().unwrap_or(0);
+            for l in limits {
+                println!("{:width$}  {} of {} in use", l.name, l.in_use, l.capacity);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+/// Tells of each limit of `plan` that already existed with another capacity: it keeps the one
+/// it has (changed live with `limits set`).
+async fn note_limits(db: &sea_orm::DatabaseConnection, plan: &Plan) -> Result<()> {
+    if plan.limits.is_empty() {
+        return Ok(());
+    }
+    for l in run_domain::list_limits(db).await? {
+        if let Some(&wanted) = plan.limits.get(&l.name)
+            && wanted != l.capacity
+        {
+            eprintln!(
+                "note: limit {} already exists with capacity {} (the plan says {wanted}); it keeps {}: `run-engine limits set {} {wanted}` changes it",
+                l.name, l.capacity, l.capacity, l.name
+            );
+        }
+    }
+    Ok(())
 }
 
 fn load_plan(path: &std::path::Path) -> Result<Plan> {
