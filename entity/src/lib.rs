@@ -10,6 +10,7 @@ pub mod run;
 pub mod run_epic;
 pub mod run_epic_need;
 pub mod run_limit;
+pub mod run_limit_slot;
 pub mod run_log;
 pub mod run_log_head;
 pub mod run_story;

@@ -6,6 +6,7 @@ pub use super::run::Entity as Run;
 pub use super::run_epic::Entity as RunEpic;
 pub use super::run_epic_need::Entity as RunEpicNeed;
 pub use super::run_limit::Entity as RunLimit;
+pub use super::run_limit_slot::Entity as RunLimitSlot;
 pub use super::run_log::Entity as RunLog;
 pub use super::run_log_head::Entity as RunLogHead;
 pub use super::run_story::Entity as RunStory;

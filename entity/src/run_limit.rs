@@ -12,7 +12,6 @@ pub struct Model {
     #[sea_orm(unique)]
     pub name: String,
     pub capacity: i32,
-    pub in_use: i32,
     pub version: i32,
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
@@ -20,22 +19,21 @@ pub struct Model {
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
 pub enum Relation {
+    #[sea_orm(has_many = "super::run_limit_slot::Entity")]
+    RunLimitSlot,
     #[sea_orm(has_many = "super::run_story_limit::Entity")]
     RunStoryLimit,
+}
+
+impl Related<super::run_limit_slot::Entity> for Entity {
+    fn to() -> RelationDef {
+        Relation::RunLimitSlot.def()
+    }
 }
 
 impl Related<super::run_story_limit::Entity> for Entity {
     fn to() -> RelationDef {
         Relation::RunStoryLimit.def()
-    }
-}
-
-impl Related<super::run_story::Entity> for Entity {
-    fn to() -> RelationDef {
-        super::run_story_limit::Relation::RunStory.def()
-    }
-    fn via() -> Option<RelationDef> {
-        Some(super::run_story_limit::Relation::RunLimit.def().rev())
     }
 }
 

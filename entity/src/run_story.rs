@@ -60,6 +60,8 @@ pub enum Relation {
         on_delete = "Cascade"
     )]
     RunEpic,
+    #[sea_orm(has_many = "super::run_limit_slot::Entity")]
+    RunLimitSlot,
     #[sea_orm(has_many = "super::run_story_limit::Entity")]
     RunStoryLimit,
 }
@@ -76,18 +78,15 @@ impl Related<super::run_epic::Entity> for Entity {
     }
 }
 
-impl Related<super::run_story_limit::Entity> for Entity {
+impl Related<super::run_limit_slot::Entity> for Entity {
     fn to() -> RelationDef {
-        Relation::RunStoryLimit.def()
+        Relation::RunLimitSlot.def()
     }
 }
 
-impl Related<super::run_limit::Entity> for Entity {
+impl Related<super::run_story_limit::Entity> for Entity {
     fn to() -> RelationDef {
-        super::run_story_limit::Relation::RunLimit.def()
-    }
-    fn via() -> Option<RelationDef> {
-        Some(super::run_story_limit::Relation::RunStory.def().rev())
+        Relation::RunStoryLimit.def()
     }
 }
 

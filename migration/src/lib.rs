@@ -19,9 +19,13 @@ mod m20261201_000006_add_run_log_batch_digest;
 mod m20261201_000007_add_needs;
 mod m20261201_000008_add_story_timeout;
 mod m20261201_000009_add_scheduling;
+mod m20261201_000010_add_wakeups;
 pub mod schema_types;
 
 pub use lock::{MigrationLockError, apply, fresh, rollback, status, with_migration_lock};
+/// The PostgreSQL channel that stories made claimable are notified on (see the `add_wakeups`
+/// migration).
+pub use m20261201_000010_add_wakeups::CHANNEL as WAKE_CHANNEL;
 
 /// The ordered list of run-engine's migrations.
 pub struct Migrator;
@@ -39,6 +43,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261201_000007_add_needs::Migration),
             Box::new(m20261201_000008_add_story_timeout::Migration),
             Box::new(m20261201_000009_add_scheduling::Migration),
+            Box::new(m20261201_000010_add_wakeups::Migration),
         ]
     }
 }
@@ -190,14 +195,25 @@ pub mod idens {
         Name,
         /// How many stories holding it may run at once.
         Capacity,
-        /// How many running stories hold it now.
-        InUse,
         /// Optimistic-concurrency version.
         Version,
         /// Creation time.
         CreatedAt,
         /// Last change time.
         UpdatedAt,
+    }
+
+    /// The `run_limit_slot` table: one slot of a limit, held by at most one running story.
+    #[derive(DeriveIden)]
+    pub enum RunLimitSlot {
+        /// Table name.
+        Table,
+        /// The limit.
+        LimitId,
+        /// The slot's number, from 0; slots at or past the capacity are not taken.
+        SlotNo,
+        /// The running story holding it (none: free).
+        StoryId,
     }
 
     /// The `run_story_limit` table: a story holds a limit while it runs.

@@ -10,16 +10,18 @@
 //! - `run_story.limit_keys`: the names of the limits the story holds while it runs, sorted,
 //!   separated by commas (none when NULL).
 //! - `run.paused_at`: while set, no story of the run starts.
-//! - `run_limit` (one row per named limit: capacity, how many running stories hold it, version)
-//!   and `run_story_limit` (one row per story and limit it needs, for the candidate query to
-//!   pass over stories whose limit is full). A limit cannot be dropped while a story names it.
+//! - `run_limit` (one row per named limit: its capacity, version), `run_limit_slot` (one row
+//!   per slot of a limit, holding the running story that took it, if any: claims of one limit
+//!   take different rows side by side instead of queueing on one counter) and
+//!   `run_story_limit` (one row per story and limit it holds, for the candidate query to pass
+//!   over stories whose limit is full). A limit cannot be dropped while a story names it.
 //! - `ix_run_story_ready` becomes (run, status, unmet needs, priority descending, position,
 //!   not before): the candidate query's order, with the delay it filters on.
 //!
 //! The down step drops the tables and columns and puts the former ready index back; every
 //! other row stays.
 
-use crate::idens::{Run, RunLimit, RunStory, RunStoryLimit};
+use crate::idens::{Run, RunLimit, RunLimitSlot, RunStory, RunStoryLimit};
 use crate::schema_types::{big_integer, timestamp, uuid, uuid_pk};
 use sea_orm_migration::prelude::*;
 use sea_orm_migration::sea_orm::DbBackend;
@@ -27,6 +29,8 @@ use sea_orm_migration::sea_orm::DbBackend;
 const READY_INDEX: &str = "ix_run_story_ready";
 const LIMIT_NAME_INDEX: &str = "ux_run_limit_name";
 const STORY_LIMIT_INDEX: &str = "ix_run_story_limit_limit";
+const FREE_SLOT_INDEX: &str = "ix_run_limit_slot_free";
+const HELD_SLOT_INDEX: &str = "ix_run_limit_slot_story";
 
 #[derive(DeriveMigrationName)]
 pub struct Migration;
@@ -133,12 +137,6 @@ async fn up(manager: &SchemaManager<'_>) -> Result<(), DbErr> {
                 .col(ColumnDef::new(RunLimit::Name).string_len(255).not_null())
                 .col(ColumnDef::new(RunLimit::Capacity).integer().not_null())
                 .col(
-                    ColumnDef::new(RunLimit::InUse)
-                        .integer()
-                        .not_null()
-                        .default(0),
-                )
-                .col(
                     ColumnDef::new(RunLimit::Version)
                         .integer()
                         .not_null()
@@ -188,6 +186,57 @@ async fn up(manager: &SchemaManager<'_>) -> Result<(), DbErr> {
         )
         .await?;
     manager
+        .create_table(
+            Table::create()
+                .table(RunLimitSlot::Table)
+                .col(uuid(RunLimitSlot::LimitId).not_null())
+                .col(big_integer(b, RunLimitSlot::SlotNo).not_null())
+                .col(uuid(RunLimitSlot::StoryId).null())
+                .primary_key(
+                    Index::create()
+                        .col(RunLimitSlot::LimitId)
+                        .col(RunLimitSlot::SlotNo),
+                )
+                .foreign_key(
+                    ForeignKey::create()
+                        .name("fk_run_limit_slot_limit")
+                        .from(RunLimitSlot::Table, RunLimitSlot::LimitId)
+                        .to(RunLimit::Table, RunLimit::Id)
+                        .on_delete(ForeignKeyAction::Cascade),
+                )
+                .foreign_key(
+                    ForeignKey::create()
+                        .name("fk_run_limit_slot_story")
+                        .from(RunLimitSlot::Table, RunLimitSlot::StoryId)
+                        .to(RunStory::Table, RunStory::Id)
+                        .on_delete(ForeignKeyAction::SetNull),
+                )
+                .to_owned(),
+        )
+        .await?;
+    // A free slot of a limit: one probe.
+    manager
+        .create_index(
+            Index::create()
+                .name(FREE_SLOT_INDEX)
+                .table(RunLimitSlot::Table)
+                .col(RunLimitSlot::LimitId)
+                .col(RunLimitSlot::StoryId)
+                .col(RunLimitSlot::SlotNo)
+                .to_owned(),
+        )
+        .await?;
+    // The slots a story holds, given back when it stops running.
+    manager
+        .create_index(
+            Index::create()
+                .name(HELD_SLOT_INDEX)
+                .table(RunLimitSlot::Table)
+                .col(RunLimitSlot::StoryId)
+                .to_owned(),
+        )
+        .await?;
+    manager
         .create_index(
             Index::create()
                 .name(STORY_LIMIT_INDEX)
@@ -201,6 +250,9 @@ async fn up(manager: &SchemaManager<'_>) -> Result<(), DbErr> {
 async fn down(manager: &SchemaManager<'_>) -> Result<(), DbErr> {
     manager
         .drop_table(Table::drop().table(RunStoryLimit::Table).to_owned())
+        .await?;
+    manager
+        .drop_table(Table::drop().table(RunLimitSlot::Table).to_owned())
         .await?;
     manager
         .drop_table(Table::drop().table(RunLimit::Table).to_owned())

@@ -6,7 +6,8 @@
 
 use chrono::{DateTime, Utc};
 use migration::idens::{
-    Run, RunEpic, RunEpicNeed, RunLimit, RunLog, RunLogHead, RunStory, RunStoryLimit, RunStoryNeed,
+    Run, RunEpic, RunEpicNeed, RunLimit, RunLimitSlot, RunLog, RunLogHead, RunStory, RunStoryLimit,
+    RunStoryNeed,
 };
 use migration::{Migrator, MigratorTrait};
 use run_engine_tests::{TestDb, each_backend};
@@ -16,7 +17,7 @@ use sea_orm_migration::sea_query::{Iden, IntoIden, Query, SimpleExpr};
 use std::collections::BTreeSet;
 
 /// The number of migrations in [`Migrator`].
-const MIGRATIONS: usize = 9;
+const MIGRATIONS: usize = 10;
 
 /// The name an iden stands for, e.g. `run_epic`.
 fn name(iden: impl Iden) -> String {
@@ -76,7 +77,11 @@ fn added_by(k: usize) -> (Vec<String>, Vec<(String, String)>) {
             vec![(name(RunStory::Table), name(RunStory::TimeoutMs))],
         ),
         8 => (
-            vec![name(RunLimit::Table), name(RunStoryLimit::Table)],
+            vec![
+                name(RunLimit::Table),
+                name(RunLimitSlot::Table),
+                name(RunStoryLimit::Table),
+            ],
             vec![
                 (name(Run::Table), name(Run::PausedAt)),
                 (name(RunStory::Table), name(RunStory::NotBeforeMs)),
@@ -85,6 +90,8 @@ fn added_by(k: usize) -> (Vec<String>, Vec<(String, String)>) {
                 (name(RunStory::Table), name(RunStory::LimitKeys)),
             ],
         ),
+        // Triggers only (PostgreSQL).
+        9 => (vec![], vec![]),
         _ => unreachable!("there are {MIGRATIONS} migrations"),
     }
 }

@@ -180,7 +180,7 @@ pub enum LimitError {
         reason: &'static str,
     },
     /// The capacity is out of range.
-    #[error("{capacity} is not a valid capacity: it must be between 0 and 1000000")]
+    #[error("{capacity} is not a valid capacity: it must be between 0 and 10000")]
     InvalidCapacity {
         /// The capacity given.
         capacity: i64,

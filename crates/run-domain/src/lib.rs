@@ -33,8 +33,8 @@ pub use lifecycle::{
     transition_with,
 };
 pub use limits::{
-    check_capacity, check_limit_name, define_limit, find_limit, limit_keys_column, limit_keys_of,
-    list_limits, set_limit,
+    LimitUse, check_capacity, check_limit_name, define_limit, find_limit, limit_keys_column,
+    limit_keys_of, limits_named, list_limits, set_limit,
 };
 pub use needs::{
     EpicNeed, StoryNeed, create_needs, let_go, mark_met, satisfy_epic, satisfy_run, satisfy_story,

@@ -7,7 +7,7 @@
 use crate::error::{ConcurrencyError, TransitionError};
 use crate::versioned::{Changes, Versioned};
 use chrono::Utc;
-use sea_orm::{ConnectionTrait, TransactionSession, TransactionTrait};
+use sea_orm::{ConnectionTrait, TransactionTrait};
 use std::fmt;
 use std::str::FromStr;
 
@@ -310,31 +310,13 @@ where
             .await
             .map_err(miss);
     }
-    let tx = db.begin().await.map_err(ConcurrencyError::from)?;
-    let model = match crate::versioned::compare_and_swap::<E, _>(&tx, id, expected, changes).await {
-        Ok(model) => model,
-        Err(e) => {
-            tx.rollback().await.map_err(ConcurrencyError::from)?;
-            return Err(miss(e));
-        }
-    };
-    if taking {
-        if let Some(limit) = crate::limits::take_slots(&tx, &keys)
-            .await
-            .map_err(ConcurrencyError::from)?
-        {
-            tx.rollback().await.map_err(ConcurrencyError::from)?;
-            return Err(TransitionError::LimitFull {
-                entity: E::NAME,
-                id,
-                limit,
-            });
-        }
-    } else {
-        crate::limits::return_slots(&tx, &keys)
-            .await
-            .map_err(ConcurrencyError::from)?;
+    match crate::limits::swap_with_slots::<E, C>(db, id, expected, changes, &keys, taking).await {
+        Ok(Ok(model)) => Ok(model),
+        Ok(Err(limit)) => Err(TransitionError::LimitFull {
+            entity: E::NAME,
+            id,
+            limit,
+        }),
+        Err(e) => Err(miss(e)),
     }
-    tx.commit().await.map_err(ConcurrencyError::from)?;
-    Ok(model)
 }

@@ -1,39 +1,61 @@
 //! Concurrency limits shared by every process on the database: at no instant do more stories
 //! holding a limit run than its capacity.
 //!
-//! A limit is a `run_limit` row: a name, a `capacity`, and `in_use`, the number of running
-//! stories that hold it. A story names the limits it holds (`run_story.limit_keys`, fixed at
-//! creation). The counter moves only in the transaction that moves such a story into or out
-//! of running ([`crate::transition`]): a start takes one slot of every limit, each by one
-//! conditional statement (`in_use = in_use + 1 WHERE name = ? AND in_use < capacity`, under the
-//! row's lock), in name order, and a start that finds one full rolls back all of it
-//! ([`crate::TransitionError::LimitFull`]): all or none, never a partial hold, and no deadlock
-//! (every transaction locks limits in the same order). Leaving running (completed, failed,
-//! back to pending, cancelled) gives every slot back in the same transaction. A take-over of a
-//! story whose worker died keeps its slots: they come back when the story finishes, however
-//! many workers it took. So `in_use` always equals the number of running stories holding the
-//! limit, on every backend.
+//! A limit is a `run_limit` row (a name, a `capacity`) with one `run_limit_slot` row per slot
+//! (numbered from 0). A story names the limits it holds (`run_story.limit_keys`, fixed at
+//! creation). A story starts only by taking a free slot (`story_id` NULL, number below the
+//! capacity) of every limit it holds, in the statement or transaction that starts it
+//! ([`crate::transition`]), and a start that finds one limit without a free slot changes
+//! nothing ([`crate::TransitionError::LimitFull`]): all or none, never a partial hold. Leaving
+//! running (completed, failed, back to pending, cancelled) frees its slots in the same
+//! statement or transaction. A take-over of a story whose worker died keeps its slots: they
+//! come back when the story finishes, however many workers it took. A slot row holds one story
+//! at a time, so the running stories holding a limit never outnumber its capacity.
 //!
-//! `version` counts changes of the limit's settings ([`set_limit`], by compare-and-swap);
-//! `in_use` is a counter, as `run_log_head.last_seq` is, and does not move it.
+//! - **PostgreSQL**: one statement does it all: the slots are picked with `FOR UPDATE SKIP
+//!   LOCKED` (two starts never wait for each other's slot, and never take the same), the
+//!   story's compare-and-swap requires every slot found, and the slots are written only if the
+//!   story was; freeing is a second part of the statement that records the result.
+//! - **MariaDB and SQLite**: one transaction: the story's compare-and-swap, then each slot
+//!   (MariaDB picks it with `FOR UPDATE SKIP LOCKED`; SQLite has one writer at a time), rolled
+//!   back whole if one is missing.
+//!
+//! `version` counts changes of the limit's settings ([`set_limit`], by compare-and-swap).
 
 use crate::error::{ConcurrencyError, LimitError};
 use crate::retry::{RetryPolicy, retry};
-use crate::versioned::{Changes, VersionedUpdate};
+use crate::versioned::{Changes, Versioned, VersionedUpdate, cas_update, explain_miss};
 use chrono::Utc;
-use entity::run_limit;
-use sea_orm::sea_query::{Expr, ExprTrait};
+use entity::{run_limit, run_limit_slot};
+use sea_orm::sea_query::{Expr, ExprTrait, LockBehavior, LockType, PostgresQueryBuilder, Query};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder,
-    TransactionTrait,
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, FromQueryResult,
+    QueryFilter, QueryOrder, QuerySelect, QueryTrait, Statement, TransactionSession,
+    TransactionTrait, Value,
 };
+use std::collections::HashMap;
 use uuid::Uuid;
+
+/// A limit and how many of its slots running stories hold now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitUse {
+    /// The limit's id.
+    pub id: Uuid,
+    /// Its name.
+    pub name: String,
+    /// How many stories holding it may run at once.
+    pub capacity: i32,
+    /// How many running stories hold it now.
+    pub in_use: i32,
+    /// Its version (changes of its settings).
+    pub version: i32,
+}
 
 /// The longest limit name.
 pub const MAX_LIMIT_NAME_LEN: usize = 64;
 
-/// The largest capacity a limit may have.
-pub const MAX_CAPACITY: i32 = 1_000_000;
+/// The largest capacity a limit may have (a row per slot is stored).
+pub const MAX_CAPACITY: i32 = 10_000;
 
 /// Checks a limit name: 1 to 64 ASCII letters, digits, `_`, `-` or `.`.
 ///
@@ -63,7 +85,7 @@ pub fn check_limit_name(name: &str) -> Result<(), LimitError> {
     }
 }
 
-/// Checks a capacity: 0 (nothing holding the limit starts) to [`MAX_CAPACITY`].
+/// Checks a capacity: 0 (nothing holding the limit starts) to [`MAX_CAPACITY`] (10,000).
 pub fn check_capacity(capacity: i64) -> Result<i32, LimitError> {
     i32::try_from(capacity)
         .ok()
@@ -101,11 +123,7 @@ pub fn limit_keys_column(keys: &[String]) -> Option<String> {
 /// println!("{}: {} of {} in use", llm.name, llm.in_use, llm.capacity);
 /// # Ok(()) }
 /// ```
-pub async fn define_limit<C>(
-    db: &C,
-    name: &str,
-    capacity: i64,
-) -> Result<run_limit::Model, LimitError>
+pub async fn define_limit<C>(db: &C, name: &str, capacity: i64) -> Result<LimitUse, LimitError>
 where
     C: ConnectionTrait + TransactionTrait,
 {
@@ -115,29 +133,56 @@ where
         return Ok(found);
     }
     let now = Utc::now();
+    let id = Uuid::new_v4();
+    let tx = db.begin().await?;
     let inserted = run_limit::Entity::insert(run_limit::ActiveModel {
-        id: Set(Uuid::new_v4()),
+        id: Set(id),
         name: Set(name.to_owned()),
         capacity: Set(capacity),
-        in_use: Set(0),
         version: Set(1),
         created_at: Set(now),
         updated_at: Set(now),
     })
     .on_conflict_do_nothing_on([run_limit::Column::Name])
-    .exec_without_returning(db)
-    .await;
-    match inserted {
-        Ok(_) => {}
-        // Another process created it in between: fine, it exists.
-        Err(e) if find_limit(db, name).await?.is_some() => drop(e),
-        Err(e) => return Err(e.into()),
+    .exec_without_returning(&tx)
+    .await?;
+    if matches!(inserted, sea_orm::TryInsertResult::Inserted(_)) {
+        add_slots(&tx, id, 0, capacity).await?;
     }
+    tx.commit().await?;
+    // Another process may have created it in between: fine, it exists.
     find_limit(db, name)
         .await?
         .ok_or_else(|| LimitError::NotFound {
             name: name.to_owned(),
         })
+}
+
+/// Adds slots `from..to` of limit `id` (those that exist already are left as they are).
+async fn add_slots<C: ConnectionTrait>(
+    db: &C,
+    id: Uuid,
+    from: i32,
+    to: i32,
+) -> Result<(), sea_orm::DbErr> {
+    const CHUNK: i64 = 500;
+    let (mut at, to) = (i64::from(from), i64::from(to));
+    while at < to {
+        let end = Ord::min(at + CHUNK, to);
+        run_limit_slot::Entity::insert_many((at..end).map(|slot_no| run_limit_slot::ActiveModel {
+            limit_id: Set(id),
+            slot_no: Set(slot_no),
+            story_id: Set(None),
+        }))
+        .on_conflict_do_nothing_on([
+            run_limit_slot::Column::LimitId,
+            run_limit_slot::Column::SlotNo,
+        ])
+        .exec_without_returning(db)
+        .await?;
+        at = end;
+    }
+    Ok(())
 }
 
 /// Sets the capacity of limit `name` (creating it if missing), by compare-and-swap; takes
@@ -150,7 +195,7 @@ where
 /// assert_eq!(llm.capacity, 5);
 /// # Ok(()) }
 /// ```
-pub async fn set_limit<C>(db: &C, name: &str, capacity: i64) -> Result<run_limit::Model, LimitError>
+pub async fn set_limit<C>(db: &C, name: &str, capacity: i64) -> Result<LimitUse, LimitError>
 where
     C: ConnectionTrait + TransactionTrait,
 {
@@ -159,92 +204,254 @@ where
     if current.capacity == cap {
         return Ok(current);
     }
+    // The slots first: a claim may use them as soon as the capacity says so.
+    add_slots(db, current.id, 0, cap).await?;
     let policy = RetryPolicy::default();
     let id = current.id;
-    let first = std::sync::Mutex::new(Some(current));
-    retry(&policy, |_| {
-        let first = first.lock().ok().and_then(|mut f| f.take());
-        async move {
-            let now = match first {
-                Some(model) => model,
-                None => run_limit::Entity::find_versioned(db, id).await?,
-            };
-            run_limit::Entity::update_versioned(
-                db,
-                id,
-                now.version,
-                Changes::new().set(run_limit::Column::Capacity, cap),
-            )
-            .await
-        }
+    retry(&policy, |_| async move {
+        let now = run_limit::Entity::find_versioned(db, id).await?;
+        run_limit::Entity::update_versioned(
+            db,
+            id,
+            now.version,
+            Changes::new().set(run_limit::Column::Capacity, cap),
+        )
+        .await
     })
     .await
-    .map_err(|e: ConcurrencyError| e.into())
+    .map_err(|e: ConcurrencyError| LimitError::from(e))?;
+    find_limit(db, name)
+        .await?
+        .ok_or_else(|| LimitError::NotFound {
+            name: name.to_owned(),
+        })
 }
 
-/// Limit `name`, if it exists.
+/// Limit `name` with its use now, if it exists.
 pub async fn find_limit<C: ConnectionTrait>(
     db: &C,
     name: &str,
-) -> Result<Option<run_limit::Model>, LimitError> {
-    Ok(run_limit::Entity::find()
+) -> Result<Option<LimitUse>, LimitError> {
+    let found = run_limit::Entity::find()
         .filter(run_limit::Column::Name.eq(name))
-        .one(db)
-        .await?)
+        .all(db)
+        .await?;
+    Ok(with_use(db, found).await?.into_iter().next())
 }
 
-/// Every limit, by name.
-pub async fn list_limits<C: ConnectionTrait>(db: &C) -> Result<Vec<run_limit::Model>, LimitError> {
-    Ok(run_limit::Entity::find()
+/// Every limit with its use now, by name.
+pub async fn list_limits<C: ConnectionTrait>(db: &C) -> Result<Vec<LimitUse>, LimitError> {
+    let all = run_limit::Entity::find()
         .order_by_asc(run_limit::Column::Name)
         .all(db)
-        .await?)
+        .await?;
+    with_use(db, all).await
 }
 
-/// Takes one slot of every limit in `keys` (sorted), inside the caller's transaction; returns
-/// the first that was full (then the caller rolls back, taking none).
-pub(crate) async fn take_slots<C: ConnectionTrait>(
-    tx: &C,
-    keys: &[String],
-) -> Result<Option<String>, sea_orm::DbErr> {
-    for key in keys {
-        // SAFETY(limit): one conditional statement under the row's lock; of two starts
-        // racing for the last slot, the second re-checks `in_use < capacity` after the first
-        // commits, and matches nothing.
-        let taken = run_limit::Entity::update_many()
-            .col_expr(
-                run_limit::Column::InUse,
-                Expr::col(run_limit::Column::InUse).add(1),
-            )
-            .filter(run_limit::Column::Name.eq(key.as_str()))
-            .filter(Expr::col(run_limit::Column::InUse).lt(Expr::col(run_limit::Column::Capacity)))
-            .exec(tx)
-            .await?
-            .rows_affected;
-        if taken == 0 {
-            return Ok(Some(key.clone()));
-        }
+/// The limits named in `names`, with their use now, by name.
+pub async fn limits_named<C: ConnectionTrait>(
+    db: &C,
+    names: Vec<String>,
+) -> Result<Vec<LimitUse>, LimitError> {
+    if names.is_empty() {
+        return Ok(Vec::new());
     }
-    Ok(None)
+    let found = run_limit::Entity::find()
+        .filter(run_limit::Column::Name.is_in(names))
+        .order_by_asc(run_limit::Column::Name)
+        .all(db)
+        .await?;
+    with_use(db, found).await
 }
 
-/// Gives back one slot of every limit in `keys` (sorted), inside the caller's transaction.
-pub(crate) async fn return_slots<C: ConnectionTrait>(
-    tx: &C,
+async fn with_use<C: ConnectionTrait>(
+    db: &C,
+    limits: Vec<run_limit::Model>,
+) -> Result<Vec<LimitUse>, LimitError> {
+    if limits.is_empty() {
+        return Ok(Vec::new());
+    }
+    let held: HashMap<Uuid, i64> = run_limit_slot::Entity::find()
+        .select_only()
+        .column(run_limit_slot::Column::LimitId)
+        .column_as(Expr::col(run_limit_slot::Column::SlotNo).count(), "n")
+        .filter(run_limit_slot::Column::LimitId.is_in(limits.iter().map(|l| l.id)))
+        .filter(run_limit_slot::Column::StoryId.is_not_null())
+        .group_by(run_limit_slot::Column::LimitId)
+        .into_tuple::<(Uuid, i64)>()
+        .all(db)
+        .await?
+        .into_iter()
+        .collect();
+    Ok(limits
+        .into_iter()
+        .map(|l| LimitUse {
+            in_use: held
+                .get(&l.id)
+                .copied()
+                .and_then(|n| i32::try_from(n).ok())
+                .unwrap_or(0),
+            id: l.id,
+            name: l.name,
+            capacity: l.capacity,
+            version: l.version,
+        })
+        .collect())
+}
+
+/// The compare-and-swap of a story holding limits `keys` (sorted) that starts it (`taking`)
+/// or ends its run: with its slots, all or none. `Ok(Err(limit))` when `limit` had no free
+/// slot (nothing changed).
+pub(crate) async fn swap_with_slots<E, C>(
+    db: &C,
+    id: Uuid,
+    expected: i32,
+    mut changes: Changes<E>,
     keys: &[String],
-) -> Result<(), sea_orm::DbErr> {
-    for key in keys {
-        run_limit::Entity::update_many()
-            .col_expr(
-                run_limit::Column::InUse,
-                Expr::col(run_limit::Column::InUse).sub(1),
-            )
-            .filter(run_limit::Column::Name.eq(key.as_str()))
-            .filter(run_limit::Column::InUse.gt(0))
-            .exec(tx)
+    taking: bool,
+) -> Result<Result<E::Model, String>, ConcurrencyError>
+where
+    E: Versioned,
+    C: ConnectionTrait + TransactionTrait,
+{
+    if db.get_database_backend() == DbBackend::Postgres {
+        if taking {
+            for i in 0..keys.len() {
+                changes
+                    .guards
+                    .push(Expr::cust(format!("EXISTS (SELECT 1 FROM slot_{i})")));
+            }
+        }
+        let mut update = cas_update::<E>(id, expected, changes).into_query();
+        update.returning_all();
+        let (story_sql, mut values) = update.build(PostgresQueryBuilder);
+        let mut param = |v: Value| {
+            values.0.push(v);
+            format!("${}", values.0.len())
+        };
+        let story = param(id.into());
+        let mut sql = String::from("WITH ");
+        let mut counts = String::new();
+        if taking {
+            for (i, key) in keys.iter().enumerate() {
+                let name = param(key.clone().into());
+                // SAFETY(limit): a free slot, locked by this statement, skipped by every other
+                // start meanwhile; re-checked free (the newest version) when locked.
+                sql.push_str(&format!(
+                    "slot_{i} AS (SELECT ls.limit_id, ls.slot_no FROM run_limit_slot ls \
+                     JOIN run_limit l ON l.id = ls.limit_id WHERE l.name = {name} \
+                     AND ls.story_id IS NULL AND ls.slot_no < l.capacity \
+                     ORDER BY ls.slot_no LIMIT 1 FOR UPDATE OF ls SKIP LOCKED), "
+                ));
+                counts.push_str(&format!("(SELECT count(*) FROM slot_{i}) AS slot_{i}, "));
+            }
+        }
+        sql.push_str(&format!("story AS ({story_sql})"));
+        if taking {
+            for i in 0..keys.len() {
+                sql.push_str(&format!(
+                    ", take_{i} AS (UPDATE run_limit_slot SET story_id = {story} FROM slot_{i} \
+                     WHERE run_limit_slot.limit_id = slot_{i}.limit_id \
+                     AND run_limit_slot.slot_no = slot_{i}.slot_no \
+                     AND EXISTS (SELECT 1 FROM story) RETURNING 1)"
+                ));
+            }
+        } else {
+            sql.push_str(&format!(
+                ", free AS (UPDATE run_limit_slot SET story_id = NULL WHERE story_id = {story} \
+                 AND EXISTS (SELECT 1 FROM story) RETURNING 1)"
+            ));
+        }
+        sql.push_str(&format!(
+            " SELECT {counts}story.* FROM (SELECT 1) AS one LEFT JOIN story ON TRUE"
+        ));
+        let row = db
+            .query_one_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                sql,
+                values.0,
+            ))
+            .await?;
+        let Some(row) = row else {
+            return Err(explain_miss::<E, C>(db, id, expected).await);
+        };
+        if let Ok(model) = E::Model::from_query_result(&row, "") {
+            return Ok(Ok(model));
+        }
+        for (i, key) in keys.iter().enumerate().filter(|_| taking) {
+            let found: i64 = row.try_get("", &format!("slot_{i}"))?;
+            if found == 0 {
+                return Ok(Err(key.clone()));
+            }
+        }
+        return Err(explain_miss::<E, C>(db, id, expected).await);
+    }
+    let tx = db.begin().await?;
+    let model = match crate::versioned::compare_and_swap::<E, _>(&tx, id, expected, changes).await {
+        Ok(model) => model,
+        Err(e) => {
+            tx.rollback().await?;
+            return Err(e);
+        }
+    };
+    if taking {
+        for key in keys {
+            if !take_slot(&tx, key, id).await? {
+                tx.rollback().await?;
+                return Ok(Err(key.clone()));
+            }
+        }
+    } else {
+        run_limit_slot::Entity::update_many()
+            .col_expr(run_limit_slot::Column::StoryId, Expr::val(None::<Uuid>))
+            .filter(run_limit_slot::Column::StoryId.eq(id))
+            .exec(&tx)
             .await?;
     }
-    Ok(())
+    tx.commit().await?;
+    Ok(Ok(model))
+}
+
+/// MariaDB and SQLite: takes a free slot of limit `key` for `story` inside the caller's
+/// transaction; false when none is free.
+async fn take_slot<C: ConnectionTrait>(
+    tx: &C,
+    key: &str,
+    story: Uuid,
+) -> Result<bool, sea_orm::DbErr> {
+    let Some(limit) = run_limit::Entity::find()
+        .filter(run_limit::Column::Name.eq(key))
+        .one(tx)
+        .await?
+    else {
+        return Ok(false);
+    };
+    let mut pick = Query::select();
+    pick.column(run_limit_slot::Column::SlotNo)
+        .from(run_limit_slot::Entity)
+        .and_where(Expr::col(run_limit_slot::Column::LimitId).eq(limit.id))
+        .and_where(Expr::col(run_limit_slot::Column::StoryId).is_null())
+        .and_where(Expr::col(run_limit_slot::Column::SlotNo).lt(limit.capacity))
+        .order_by(run_limit_slot::Column::SlotNo, sea_orm::Order::Asc)
+        .limit(1);
+    if tx.get_database_backend() == DbBackend::MySql {
+        // SAFETY(limit): a locked free slot, skipped by every other start meanwhile.
+        pick.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
+    }
+    let Some(row) = tx.query_one(&pick).await? else {
+        return Ok(false);
+    };
+    let slot_no: i64 = row.try_get_by_index(0)?;
+    // SAFETY(limit): only if still free (SQLite: one writer at a time; MariaDB: locked).
+    let taken = run_limit_slot::Entity::update_many()
+        .col_expr(run_limit_slot::Column::StoryId, Expr::val(story))
+        .filter(run_limit_slot::Column::LimitId.eq(limit.id))
+        .filter(run_limit_slot::Column::SlotNo.eq(slot_no))
+        .filter(run_limit_slot::Column::StoryId.is_null())
+        .exec(tx)
+        .await?
+        .rows_affected;
+    Ok(taken == 1)
 }
 
 #[cfg(test)]

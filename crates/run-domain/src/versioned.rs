@@ -342,6 +342,36 @@ where
     E: Versioned,
     C: ConnectionTrait + TransactionTrait,
 {
+    let update = cas_update::<E>(id, expected, changes);
+    let written = match db.get_database_backend() {
+        DbBackend::MySql => {
+            // MariaDB has no UPDATE ... RETURNING: read back inside one transaction, whose
+            // row lock (taken by the UPDATE) keeps anyone else from changing it in between.
+            let tx = db.begin().await?;
+            let matched = update.exec(&tx).await?.rows_affected;
+            let row = if matched == 1 {
+                E::find().filter(E::id_column().eq(id)).one(&tx).await?
+            } else {
+                None
+            };
+            tx.commit().await?;
+            row
+        }
+        _ => update.exec_with_returning(db).await?.into_iter().next(),
+    };
+    match written {
+        Some(model) => Ok(model),
+        None => Err(explain_miss::<E, C>(db, id, expected).await),
+    }
+}
+
+/// The compare-and-swap statement: `UPDATE ... SET <changes>, version = version + 1,
+/// updated_at = now WHERE id = ? AND version = ? AND <guards>`.
+pub(crate) fn cas_update<E: Versioned>(
+    id: Uuid,
+    expected: i32,
+    changes: Changes<E>,
+) -> sea_orm::UpdateMany<E> {
     let version = E::version_column();
     let mut update = E::update_many()
         .col_expr(version, Expr::col(version.into_iden()).add(1))
@@ -367,26 +397,7 @@ where
     for guard in guards {
         update = update.filter(guard);
     }
-    let written = match db.get_database_backend() {
-        DbBackend::MySql => {
-            // MariaDB has no UPDATE ... RETURNING: read back inside one transaction, whose
-            // row lock (taken by the UPDATE) keeps anyone else from changing it in between.
-            let tx = db.begin().await?;
-            let matched = update.exec(&tx).await?.rows_affected;
-            let row = if matched == 1 {
-                E::find().filter(E::id_column().eq(id)).one(&tx).await?
-            } else {
-                None
-            };
-            tx.commit().await?;
-            row
-        }
-        _ => update.exec_with_returning(db).await?.into_iter().next(),
-    };
-    match written {
-        Some(model) => Ok(model),
-        None => Err(explain_miss::<E, C>(db, id, expected).await),
-    }
+    update
 }
 
 /// Why a compare-and-swap matched no row: the row's version now, or its absence.
@@ -395,12 +406,13 @@ where
 /// plain SELECT inside a REPEATABLE READ transaction reads the transaction's snapshot, which
 /// may predate the change that made the swap miss, so the read there is a locking (current)
 /// read. PostgreSQL and SQLite read the latest committed row per statement.
-async fn explain_miss<E: Versioned, C: ConnectionTrait>(
+pub(crate) async fn explain_miss<E: Versioned, C: ConnectionTrait>(
     db: &C,
     id: Uuid,
     expected: i32,
 ) -> ConcurrencyError {
     let found = current_version::<E, C>(db, id).await;
+    tracing::debug!(entity = E::NAME, %id, expected, found = ?found.as_ref().ok(), "compare-and-swap matched no row");
     match found {
         Ok(Some(actual)) => ConcurrencyError::Conflict {
             entity: E::NAME,

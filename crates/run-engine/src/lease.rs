@@ -78,6 +78,8 @@ pub enum TryClaim {
     Exhausted(run_story::Model),
     /// Someone else changed it first, or it is no longer claimable: try another.
     Lost,
+    /// Every slot of this limit it holds was taken: try a story that does not hold it.
+    LimitFull(String),
 }
 
 /// True when a story read at `now` is running on a lease that ran out (or has none).
@@ -136,6 +138,7 @@ where
                     story,
                     taken_over_from: None,
                 })),
+                Err(TransitionError::LimitFull { limit, .. }) => Ok(TryClaim::LimitFull(limit)),
                 Err(e) if lost_race(&e) => Ok(TryClaim::Lost),
                 Err(e) => Err(e.into()),
             }

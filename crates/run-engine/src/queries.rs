@@ -6,7 +6,7 @@
 use crate::error::EngineError;
 use crate::lease::lease_expired;
 use chrono::{DateTime, Utc};
-use entity::{run_limit, run_story, run_story_limit};
+use entity::{run_limit, run_limit_slot, run_story, run_story_limit};
 use run_domain::{Lifecycle, StoryStatus};
 use sea_orm::sea_query::SimpleExpr;
 use sea_orm::{
@@ -141,10 +141,24 @@ pub async fn pending_candidates<C: ConnectionTrait>(
         .await?)
 }
 
-/// "No limit the story holds is full": a probe of `run_story_limit`'s key per row, so that a
-/// story without limits costs one index miss.
+/// "No limit the story holds is full": a probe of `run_story_limit`'s key per row (so a story
+/// without limits costs one index miss), and for each limit it holds, one probe for a free
+/// slot below its capacity.
 fn no_full_limit() -> SimpleExpr {
     use sea_orm::sea_query::{Expr, ExprTrait, Query};
+    let free_slot = Query::select()
+        .expr(Expr::val(1))
+        .from(run_limit_slot::Entity)
+        .and_where(
+            Expr::col((run_limit_slot::Entity, run_limit_slot::Column::LimitId))
+                .equals((run_story_limit::Entity, run_story_limit::Column::LimitId)),
+        )
+        .and_where(Expr::col((run_limit_slot::Entity, run_limit_slot::Column::StoryId)).is_null())
+        .and_where(
+            Expr::col((run_limit_slot::Entity, run_limit_slot::Column::SlotNo))
+                .lt(Expr::col((run_limit::Entity, run_limit::Column::Capacity))),
+        )
+        .to_owned();
     Expr::exists(
         Query::select()
             .expr(Expr::val(1))
@@ -158,10 +172,7 @@ fn no_full_limit() -> SimpleExpr {
                 Expr::col((run_story_limit::Entity, run_story_limit::Column::StoryId))
                     .equals((run_story::Entity, run_story::Column::Id)),
             )
-            .and_where(
-                Expr::col((run_limit::Entity, run_limit::Column::InUse))
-                    .gte(Expr::col((run_limit::Entity, run_limit::Column::Capacity))),
-            )
+            .and_where(Expr::exists(free_slot).not())
             .to_owned(),
     )
     .not()

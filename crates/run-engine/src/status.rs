@@ -58,8 +58,8 @@ pub struct LimitView {
     pub in_use: i32,
 }
 
-impl From<entity::run_limit::Model> for LimitView {
-    fn from(l: entity::run_limit::Model) -> LimitView {
+impl From<run_domain::LimitUse> for LimitView {
+    fn from(l: run_domain::LimitUse) -> LimitView {
         LimitView {
             name: l.name,
             capacity: l.capacity,
@@ -180,18 +180,11 @@ pub async fn load_run_tree<C: ConnectionTrait>(
         .collect();
     limit_names.sort_unstable();
     limit_names.dedup();
-    let limits: Vec<LimitView> = if limit_names.is_empty() {
-        Vec::new()
-    } else {
-        entity::run_limit::Entity::find()
-            .filter(entity::run_limit::Column::Name.is_in(limit_names))
-            .order_by_asc(entity::run_limit::Column::Name)
-            .all(db)
-            .await?
-            .into_iter()
-            .map(LimitView::from)
-            .collect()
-    };
+    let limits: Vec<LimitView> = run_domain::limits_named(db, limit_names)
+        .await?
+        .into_iter()
+        .map(LimitView::from)
+        .collect();
     let now_ms = run_domain::now_ms();
     let epic_by_id: HashMap<Uuid, &run_epic::Model> = epics.iter().map(|e| (e.id, e)).collect();
     let story_by_id: HashMap<Uuid, &run_story::Model> = stories.iter().map(|s| (s.id, s)).collect();

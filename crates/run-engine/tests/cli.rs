@@ -487,3 +487,77 @@ each_backend! {
         );
     }
 }
+
+/// `run-engine` with `RUST_LOG` (none when empty); returns (status, stdout, stderr).
+fn cli_logging(
+    url: &str,
+    rust_log: &str,
+    args: &[&str],
+) -> (std::process::ExitStatus, String, String) {
+    let mut command = std::process::Command::new(common::bin());
+    command
+        .arg("--database-url")
+        .arg(url)
+        .args(args)
+        .env_remove("DATABASE_URL")
+        .env_remove("RUST_LOG");
+    if !rust_log.is_empty() {
+        command.env("RUST_LOG", rust_log);
+    }
+    let out = command.output().expect("run run-engine");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn rust_log_shows_each_claim_and_record_as_text_or_json() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("db.sqlite").display()
+    );
+    let plan = example_plan();
+    let plan = plan.to_str().expect("utf-8");
+    let (status, _, stderr) = cli_logging(&url, "run_engine=debug", &["run", plan, "-w", "4"]);
+    assert!(status.success(), "{stderr}");
+    let claimed = stderr
+        .lines()
+        .filter(|l| l.contains("DEBUG") && l.contains("claimed") && l.contains("story=compile"))
+        .count();
+    assert_eq!(claimed, 1, "one claim of build/compile:\n{stderr}");
+    assert!(
+        stderr.lines().any(
+            |l| l.contains("recorded") && l.contains("status=\"completed\"")
+                || l.contains("recorded") && l.contains("status=completed")
+        ),
+        "{stderr}"
+    );
+    // Spans: a record happens inside its attempt's span, named with its story.
+    assert!(stderr.contains("attempt{"), "{stderr}");
+
+    let (status, _, stderr) = cli_logging(
+        &url,
+        "run_engine=debug",
+        &["--log-format", "json", "run", plan, "-w", "4"],
+    );
+    assert!(status.success(), "{stderr}");
+    let events: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["fields"]["message"] == "claimed" && e["fields"]["story"] == "compile"),
+        "{stderr}"
+    );
+
+    // The default shows warnings only: no claim is printed.
+    let (status, _, stderr) = cli_logging(&url, "", &["run", plan, "-w", "4"]);
+    assert!(status.success(), "{stderr}");
+    assert!(!stderr.contains("claimed"), "{stderr}");
+}

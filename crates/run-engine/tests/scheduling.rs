@@ -6,7 +6,7 @@
 mod common;
 
 use common::{ExecProcess, cli, create, log_text, wait_for};
-use entity::{run_limit, run_story};
+use entity::run_story;
 use run_domain::{LogEntry, StoryStatus, TransitionError, transition_with};
 use run_engine::{
     Executor, ExecutorConfig, Lease, Plan, ShellHandler, TryClaim, create_run_from_plan, try_claim,
@@ -43,10 +43,8 @@ async fn story(db: &DatabaseConnection, run_id: Uuid, key: &str) -> run_story::M
         .expect("story exists")
 }
 
-async fn limit(db: &DatabaseConnection, name: &str) -> run_limit::Model {
-    run_limit::Entity::find()
-        .filter(run_limit::Column::Name.eq(name))
-        .one(db)
+async fn limit(db: &DatabaseConnection, name: &str) -> run_domain::LimitUse {
+    run_domain::find_limit(db, name)
         .await
         .expect("read limit")
         .expect("limit exists")
@@ -102,9 +100,11 @@ each_backend! {
             text_log.iter().any(|l| l.contains("failed after") && l.contains("will retry at")),
             "{text_log:?}"
         );
-        // Two workers idle for 3 s at a 50 ms poll would send ~120 claims without the filter.
+        // Two workers idle for 3 s at a 50 ms poll would send ~120 claims without the filter,
+        // and read ~120 times: they sleep until the delay passes instead (each failure, and
+        // on PostgreSQL its notification, wakes them for a look or two).
         assert!(summary.claims_tried <= 3 + 3, "{} claim statements", summary.claims_tried);
-        assert!(summary.looks <= 30, "{} looks for work", summary.looks);
+        assert!(summary.looks <= 60, "{} looks for work", summary.looks);
 
         let at_once = Plan::parse(&text(""), "flaky.toml").expect("plan");
         let run = create_run_from_plan(&t.db, &at_once).await.expect("create");

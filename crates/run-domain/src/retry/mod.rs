@@ -113,6 +113,7 @@ where
         match op(failures + 1).await {
             Err(e) if schedule.allows(failures + 1, started.elapsed()) && again(&e) => {
                 failures += 1;
+                tracing::debug!(failures, "trying again");
                 tokio::time::sleep(schedule.wait(failures, started.elapsed())).await;
             }
             result => return (result, failures),

@@ -16,6 +16,7 @@ use run_domain::{Lifecycle, RunStatus};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::time::Instant;
+use tracing::Instrument;
 use uuid::Uuid;
 
 impl Execution {
@@ -54,8 +55,21 @@ impl Execution {
         }
         Ok(true)
     }
-    /// Runs one claimed story to the end and records its result.
+    /// Runs one claimed story to the end and records its result, in a span `attempt` with the
+    /// run, epic, story, attempt and worker as fields.
     pub(super) async fn run_story(&self, claim: Claim, lease: &Lease) {
+        let span = tracing::info_span!(
+            "attempt",
+            run_id = %self.run_id,
+            epic = %self.story_ref(&claim.story).epic,
+            story = %claim.story.key,
+            attempt = claim.story.attempts,
+            worker = %lease.owner,
+        );
+        self.run_claimed(claim, lease).instrument(span).await;
+    }
+
+    async fn run_claimed(&self, claim: Claim, lease: &Lease) {
         let story = claim.story;
         let sref = self.story_ref(&story);
         let log = self.log.with_prefix(format!("[{sref}] "));

@@ -178,6 +178,12 @@ impl Execution {
             // the run is finished, or before the execution returns).
             log.line(line).await;
         }
+        // Its slots are free again: candidates holding its limits are worth trying. A story
+        // back to pending, or freed slots, may be claimable by an idle worker of this process.
+        self.limits_freed(&story);
+        if story.status == StoryStatus::Pending.as_str() || story.limit_keys.is_some() {
+            self.wake_all();
+        }
         let status = StoryStatus::parse(&story.status).unwrap_or(StoryStatus::Pending);
         let attempt = held.attempts;
         if how.is_none() {

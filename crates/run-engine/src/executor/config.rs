@@ -23,8 +23,13 @@ pub struct ExecutorConfig {
     pub lease: Duration,
     /// How often a running story's lease is renewed (a third of the lease by default).
     pub renew_every: Duration,
-    /// How long an idle worker waits before looking for work again.
+    /// How long an idle worker waits before looking for work again. On PostgreSQL, with
+    /// [`ExecutorConfig::listen`], a notification wakes it at once; the poll is the fallback.
     pub poll_interval: Duration,
+    /// On PostgreSQL, listen for stories made claimable (one connection per execution, `LISTEN
+    /// run_engine`) and wake idle workers at once (default true). Turn it off behind a pooler
+    /// that does not pass notifications on (PgBouncer in transaction mode).
+    pub listen: bool,
     /// How many pending stories are read at a time into this process's queue of candidates,
     /// which its workers take from (each candidate goes to one worker of the process; other
     /// processes read their own, in a shuffled order, and a candidate taken meanwhile only
@@ -61,6 +66,7 @@ impl Default for ExecutorConfig {
             worker_prefix: default_worker_prefix(),
             retry_transient: true,
             retry_budget: Duration::from_secs(30),
+            listen: true,
         }
     }
 }
@@ -108,6 +114,12 @@ impl ExecutorConfig {
     /// Sets how long an idle worker waits before looking again.
     pub fn poll_interval(mut self, poll: Duration) -> Self {
         self.poll_interval = poll;
+        self
+    }
+
+    /// Sets whether to listen for notifications on PostgreSQL (see [`ExecutorConfig::listen`]).
+    pub fn listen(mut self, listen: bool) -> Self {
+        self.listen = listen;
         self
     }
 

@@ -114,6 +114,10 @@ pub struct Summary {
     pub claims_tried: u64,
     /// Reads this executor made to find work: candidate queries and idle looks.
     pub looks: u64,
+    /// Notifications that woke this executor's idle workers (PostgreSQL).
+    pub wakeups: u64,
+    /// Times its listening connection failed or was lost (PostgreSQL).
+    pub listener_lost: u64,
     /// True when a shutdown stopped the executor before the run was finished.
     pub interrupted: bool,
     /// How long the execution took.

@@ -34,6 +34,7 @@ impl Execution {
         format!("{}-{n}", self.config().worker_prefix)
     }
     pub(super) fn emit(&self, event: ExecutorEvent) {
+        trace_event(self.run_id, &event);
         // No subscriber is fine.
         let _ = self.inner.events.send(event);
     }
@@ -49,6 +50,47 @@ impl Execution {
                 .cloned()
                 .unwrap_or_else(|| story.epic_id.to_string()),
             key: story.key.clone(),
+        }
+    }
+    /// Wakes every idle worker of this process: something may be claimable. A worker that was
+    /// about to wait sees it too (a generation count, not a one-shot signal).
+    pub(super) fn wake_all(&self) {
+        self.wake.send_modify(|n| *n = n.wrapping_add(1));
+    }
+    /// Forgets every limit a claim found full (a slot was freed somewhere).
+    pub(super) fn forget_full_limits(&self) {
+        if let Ok(mut full) = self.full_limits.lock() {
+            full.clear();
+        }
+    }
+    /// Whether `story` holds a limit a claim of this process found full just now.
+    pub(super) fn probably_full(&self, story: &run_story::Model) -> bool {
+        if story.limit_keys.is_none() {
+            return false;
+        }
+        let Ok(mut full) = self.full_limits.lock() else {
+            return false;
+        };
+        full.retain(|_, at| at.elapsed() < super::FULL_FOR);
+        run_domain::limit_keys_of(story.limit_keys.as_deref())
+            .iter()
+            .any(|k| full.contains_key(k))
+    }
+    /// Remembers that limit `key` was full.
+    pub(super) fn limit_was_full(&self, key: String) {
+        if let Ok(mut full) = self.full_limits.lock() {
+            full.insert(key, std::time::Instant::now());
+        }
+    }
+    /// `story` stopped running here: its limits have a free slot again.
+    pub(super) fn limits_freed(&self, story: &run_story::Model) {
+        if story.limit_keys.is_none() {
+            return;
+        }
+        if let Ok(mut full) = self.full_limits.lock() {
+            for k in run_domain::limit_keys_of(story.limit_keys.as_deref()) {
+                full.remove(&k);
+            }
         }
     }
     pub(super) fn stop_claiming(&self) -> bool {
@@ -88,6 +130,52 @@ impl Execution {
     }
 }
 
+/// The `tracing` event of an executor event: claims and records at debug, take-overs,
+/// fencing, give-backs and finished epics and runs at info, warnings at warn. Run, epic,
+/// story, attempt and worker are fields (the story's span carries them too).
+fn trace_event(run_id: Uuid, event: &ExecutorEvent) {
+    match event {
+        ExecutorEvent::Started {
+            story,
+            attempt,
+            max_attempts,
+            worker,
+            taken_over_from,
+        } => match taken_over_from {
+            Some(from) => {
+                tracing::info!(%run_id, epic = %story.epic, story = %story.key, attempt, max_attempts, worker, from, "took over a story whose lease expired")
+            }
+            None => {
+                tracing::debug!(%run_id, epic = %story.epic, story = %story.key, attempt, max_attempts, worker, "claimed")
+            }
+        },
+        ExecutorEvent::Finished {
+            story,
+            status,
+            attempt,
+            elapsed,
+            error,
+            worker,
+            ..
+        } => {
+            tracing::debug!(%run_id, epic = %story.epic, story = %story.key, attempt, worker, status = status.as_str(), elapsed_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX), error = error.as_deref(), "recorded")
+        }
+        ExecutorEvent::Fenced { story, worker } => {
+            tracing::info!(%run_id, epic = %story.epic, story = %story.key, worker, "fenced off: the lease was lost, the result dropped")
+        }
+        ExecutorEvent::GaveBack { story, worker } => {
+            tracing::info!(%run_id, epic = %story.epic, story = %story.key, worker, "gave the story back")
+        }
+        ExecutorEvent::EpicFinished { key, status } => {
+            tracing::info!(%run_id, epic = %key, status, "epic finished")
+        }
+        ExecutorEvent::RunFinished { status } => tracing::info!(%run_id, status, "run finished"),
+        ExecutorEvent::Warning { message } => {
+            tracing::warn!(%run_id, "{}", run_domain::redact_text(message));
+        }
+    }
+}
+
 /// Aborts a spawned handler when dropped.
 pub(super) struct AbortOnDrop<T>(pub(super) JoinHandle<T>);
 
@@ -106,6 +194,8 @@ pub(super) struct Stats {
     pub(super) recognised: AtomicU64,
     pub(super) claims_tried: AtomicU64,
     pub(super) looks: AtomicU64,
+    pub(super) wakeups: AtomicU64,
+    pub(super) listener_lost: AtomicU64,
 }
 
 /// One execution of one run by this process.
@@ -132,11 +222,15 @@ pub(super) struct Execution {
     /// How many stories of each epic this process's workers hold (claimed, not yet recorded).
     pub(super) held_per_epic: Mutex<HashMap<Uuid, usize>>,
     /// Wakes idle workers when stories were handed to the queue (a need completed here).
-    pub(super) wake: tokio::sync::Notify,
+    pub(super) wake: watch::Sender<u64>,
     /// When this process last looked for stories a failure elsewhere left waiting.
     pub(super) last_sweep: Mutex<Option<std::time::Instant>>,
     /// The plan asked to cancel the run on the first story that fails for good.
     pub(super) fail_fast: bool,
+    /// Limits a claim of this process found full, and when: candidates holding them wait a
+    /// moment (until a story of this process gives one back, or [`super::FULL_FOR`]) instead
+    /// of being tried in vain.
+    pub(super) full_limits: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 /// A story of `epic` held by a worker of this process, counted in `held_per_epic` until

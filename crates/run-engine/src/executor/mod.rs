@@ -66,6 +66,9 @@ mod producer;
 mod run_watch;
 mod shutdown;
 mod supervisor;
+mod wakeup;
+
+pub use wakeup::WAKE_CHANNEL;
 
 use crate::cancel::cancel_leftovers;
 use crate::error::{EngineError, TransientDb};
@@ -101,6 +104,10 @@ pub(super) const EXPIRY_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// How often the run's status is read, to notice a cancellation.
 pub(super) const RUN_WATCH_EVERY: Duration = Duration::from_millis(500);
+
+/// How long a limit a claim found full is passed over (unless a story of this process gives a
+/// slot back first): about the time another process takes to finish a short story.
+pub(super) const FULL_FOR: Duration = Duration::from_millis(20);
 
 /// Consecutive conflicts after which a worker stops (transient database failures are bounded by
 /// time instead: [`ExecutorConfig::retry_budget`]).
@@ -229,13 +236,19 @@ impl Executor {
             log: LogSink::start_with_retry(db.clone(), run_id, "", self.inner.config.budget()),
             candidates: tokio::sync::Mutex::new(Candidates::default()),
             held_per_epic: Mutex::new(HashMap::new()),
-            wake: tokio::sync::Notify::new(),
+            wake: watch::channel(0).0,
             last_sweep: Mutex::new(None),
             fail_fast: run.fail_fast,
+            full_limits: Mutex::new(HashMap::new()),
         });
 
         let mut first_error = None;
         if !status.is_terminal() {
+            let listener = self
+                .inner
+                .config
+                .listen
+                .then(|| AbortOnDrop(tokio::spawn(wakeup::listen(execution.clone()))));
             let watcher = AbortOnDrop(tokio::spawn(watch_run(
                 db.clone(),
                 run_id,
@@ -265,6 +278,7 @@ impl Executor {
                 }
             }
             drop(watcher);
+            drop(listener);
         }
         // Lines still queued (the last stories' closing lines) go in before the run is settled
         // and before this returns, so nothing of this execution is written after it.
@@ -311,6 +325,8 @@ impl Executor {
             recognised: stats.recognised.load(Ordering::Relaxed),
             claims_tried: stats.claims_tried.load(Ordering::Relaxed),
             looks: stats.looks.load(Ordering::Relaxed),
+            wakeups: stats.wakeups.load(Ordering::Relaxed),
+            listener_lost: stats.listener_lost.load(Ordering::Relaxed),
             interrupted: shutdown.level() != ShutdownLevel::Running && counts.unfinished() > 0,
             elapsed: started.elapsed(),
         })

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 impl Execution {
     /// One worker's loop; see the module docs.
@@ -28,10 +29,13 @@ impl Execution {
         let mut run_status = self.run_status.clone();
         let mut paused = self.paused.clone();
         let mut told_paused = false;
+        let mut woken = self.wake.subscribe();
         loop {
             if self.stop_claiming() {
                 return Ok(());
             }
+            // Anything that wakes the workers from here on ends this worker's next wait.
+            woken.borrow_and_update();
             let step = match self.claim_next(&lease).await {
                 Ok(Step::Idle) if *self.paused.borrow() => Ok(Step::Paused),
                 Ok(Step::Idle) => match self.idle_look().await {
@@ -102,7 +106,7 @@ impl Execution {
                         _ = shutdown.changed() => {}
                         _ = run_status.changed() => {}
                         _ = paused.changed() => {}
-                        _ = self.wake.notified() => {}
+                        _ = woken.changed() => {}
                     }
                 }
                 Err(e) => {
@@ -165,11 +169,30 @@ impl Execution {
             let Some(candidate) = self.next_candidate(window).await? else {
                 return Ok(Step::Idle);
             };
+            if self.probably_full(&candidate) {
+                // Behind the others: its limit was full a moment ago.
+                self.candidates.lock().await.queue.push_back(candidate);
+                continue;
+            }
             self.stats.claims_tried.fetch_add(1, Ordering::Relaxed);
-            match try_claim(db, &candidate, lease, Utc::now()).await {
+            let claim =
+                try_claim(db, &candidate, lease, Utc::now()).instrument(tracing::debug_span!(
+                    "claim",
+                    run_id = %self.run_id,
+                    story = %candidate.key,
+                    version = candidate.version,
+                    worker = %lease.owner,
+                ));
+            match claim.await {
                 Ok(TryClaim::Claimed(claim)) => return Ok(Step::Claimed(Box::new(claim))),
                 Ok(TryClaim::Exhausted(story)) => self.on_exhausted(story).await,
-                Ok(TryClaim::Lost) => {}
+                Ok(TryClaim::Lost) => {
+                    tracing::trace!(story = %candidate.key, "claimed first by another worker");
+                }
+                Ok(TryClaim::LimitFull(limit)) => {
+                    tracing::debug!(story = %candidate.key, limit, "limit full");
+                    self.limit_was_full(limit);
+                }
                 Err(e) if e.is_transient() => {
                     return match self.recognise_claim(&candidate, lease).await {
                         Some(claim) => Ok(Step::Claimed(Box::new(claim))),

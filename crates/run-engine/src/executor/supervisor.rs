@@ -17,6 +17,7 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 impl Execution {
     /// When this worker must stop the handler if no renewal gets through: a tenth of the lease
@@ -41,7 +42,10 @@ impl Execution {
     ) -> (Ending, run_story::Model) {
         let handler = self.inner.handler.clone();
         let deadline = ctx.deadline;
-        let mut task = AbortOnDrop(tokio::spawn(async move { handler.run(ctx).await }));
+        // The handler runs in the story's span, so that its own events carry the story.
+        let mut task = AbortOnDrop(tokio::spawn(
+            async move { handler.run(ctx).await }.in_current_span(),
+        ));
         let renew_every = self.config().renew_every;
         let grace = self.config().cancel_grace;
         let mut next_renewal = Instant::now() + renew_every;

@@ -64,6 +64,18 @@ impl ExecProcess {
     /// Starts `run-engine exec <run> --workers <workers> --lease-secs <lease>` with
     /// `MARKER_DIR=<dir>`.
     pub fn start(url: &str, run_id: Uuid, workers: u32, lease_secs: u32, dir: &Path) -> Self {
+        Self::start_with(url, run_id, workers, lease_secs, dir, &[])
+    }
+
+    /// Like [`ExecProcess::start`], with more arguments for `exec`.
+    pub fn start_with(
+        url: &str,
+        run_id: Uuid,
+        workers: u32,
+        lease_secs: u32,
+        dir: &Path,
+        extra: &[&str],
+    ) -> Self {
         let n = fastrand::u32(..);
         let stdout = dir.join(format!("exec-{n}.out"));
         let stderr = dir.join(format!("exec-{n}.err"));
@@ -73,6 +85,7 @@ impl ExecProcess {
             .args(["exec", &run_id.to_string()])
             .args(["--workers", &workers.to_string()])
             .args(["--lease-secs", &lease_secs.to_string()])
+            .args(extra)
             .env_remove("DATABASE_URL")
             .env("MARKER_DIR", dir)
             .stdin(Stdio::null())

@@ -10,6 +10,45 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use uuid::Uuid;
 
+/// The progress bar shown now, if any: `tracing` lines are printed around it.
+static ACTIVE_BAR: Mutex<Option<ProgressBar>> = Mutex::new(None);
+
+/// Where the CLI's `tracing` lines go: standard error, around the progress bar.
+pub(crate) struct TraceWriter;
+
+/// One `tracing` line, printed whole when dropped.
+pub(crate) struct TraceLine(Vec<u8>);
+
+impl std::io::Write for TraceLine {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for TraceLine {
+    fn drop(&mut self) {
+        let text = String::from_utf8_lossy(&self.0);
+        let bar = ACTIVE_BAR.lock().ok().and_then(|b| b.clone());
+        match bar {
+            Some(bar) => bar.suspend(|| eprint!("{text}")),
+            None => eprint!("{text}"),
+        }
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for TraceWriter {
+    type Writer = TraceLine;
+
+    fn make_writer(&'a self) -> TraceLine {
+        TraceLine(Vec::new())
+    }
+}
+
 /// A progress bar on a terminal, plain lines otherwise.
 pub(crate) struct Display {
     pub(crate) bar: Option<ProgressBar>,
@@ -27,6 +66,9 @@ impl Display {
             .progress_chars("=> ");
             bar.set_style(style);
             bar.enable_steady_tick(Duration::from_millis(100));
+            if let Ok(mut active) = ACTIVE_BAR.lock() {
+                *active = Some(bar.clone());
+            }
             bar
         });
         Display {
@@ -75,6 +117,9 @@ impl Display {
     }
 
     pub(crate) fn finish(&self) {
+        if let Ok(mut active) = ACTIVE_BAR.lock() {
+            *active = None;
+        }
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
@@ -153,7 +198,8 @@ pub(crate) async fn show_events(
                 display.line(&format!("epic {key} {status}"));
             }
             ExecutorEvent::RunFinished { status } => display.line(&format!("run {status}")),
-            ExecutorEvent::Warning { message } => display.line(&format!("warning: {message}")),
+            // Printed by the `tracing` subscriber (a warning), around the bar.
+            ExecutorEvent::Warning { .. } => {}
         }
     }
 }

@@ -23,7 +23,9 @@ pub(crate) async fn execute(
 ) -> Result<ExitCode> {
     let config = ExecutorConfig::default()
         .workers(usize::from(args.workers))
-        .lease(Duration::from_secs(args.lease_secs));
+        .lease(Duration::from_secs(args.lease_secs))
+        .poll_interval(args.poll)
+        .listen(!args.no_listen);
     let executor = Executor::new(db.clone(), ShellHandler::default(), config);
     let shutdown = Shutdown::new();
     let total = StoryCounts::of_run(&db, run_id).await?.total();

@@ -53,8 +53,40 @@ struct Cli {
         value_name = "URL"
     )]
     database_url: Option<String>,
+    /// How diagnostics are printed on standard error: `text`, or `json` (one object a line).
+    /// Which are printed: `RUST_LOG` (default `warn`; `run_engine=debug` shows every claim and
+    /// record)
+    #[arg(long, global = true, default_value = "text", value_name = "FORMAT")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// The format of diagnostics.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    /// Lines for people.
+    Text,
+    /// One JSON object a line, for machines.
+    Json,
+}
+
+/// Prints `tracing` events on standard error (around the progress bar, if one is shown),
+/// filtered by `RUST_LOG` (default: warnings).
+fn init_tracing(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(display::TraceWriter);
+    // A second subscriber cannot be set; the first stays.
+    let _ = match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
 }
 
 #[derive(Subcommand)]
@@ -148,12 +180,32 @@ struct ExecArgs {
     /// third of it while the story runs)
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     lease_secs: u64,
+    /// How long an idle worker waits before looking for work again (humantime: 250ms, 5s,
+    /// 1m). On PostgreSQL a notification wakes idle workers at once; the poll is the fallback
+    #[arg(long, default_value = "250ms", value_parser = parse_poll, value_name = "DURATION")]
+    poll: Duration,
+    /// On PostgreSQL, do not listen for notifications (behind a pooler that does not pass them
+    /// on, such as PgBouncer in transaction mode): idle workers only poll
+    #[arg(long)]
+    no_listen: bool,
+}
+
+/// A poll interval: a humantime duration from 10 ms to an hour.
+fn parse_poll(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text.trim()).map_err(|e| {
+        format!("{text:?} is not a duration ({e}); write it like \"250ms\" or \"5s\"")
+    })?;
+    if d < Duration::from_millis(10) || d > Duration::from_secs(3600) {
+        return Err(format!("{text:?} is out of range: from 10ms to 1h"));
+    }
+    Ok(d)
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     load_dotenv();
     let cli = Cli::parse();
+    init_tracing(cli.log_format);
     let url = cli
         .database_url
         .clone()
