@@ -22,6 +22,7 @@ pub mod executor;
 pub mod log_append;
 pub mod measure;
 pub mod memory;
+pub mod observability;
 pub mod ordered;
 pub mod plot;
 pub mod report;

@@ -15,8 +15,8 @@ use run_bench::memory::{
 };
 use run_bench::report::{self, Report, Section};
 use run_bench::{
-    Profile, Servers, append_throughput, contention, executor, log_append, ordered, plot,
-    scheduling, versioned_update,
+    Profile, Servers, append_throughput, contention, executor, log_append, observability, ordered,
+    plot, scheduling, versioned_update,
 };
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -65,6 +65,8 @@ enum Scenario {
     Ordered,
     /// 8: scheduling: limits against none, statements with a retry delay pending.
     Scheduling,
+    /// 9: observability: wake-up latency, tracing's cost, prune rate.
+    Observability,
 }
 
 #[derive(Debug, Subcommand)]
@@ -213,6 +215,13 @@ async fn run_suite(cli: &Cli) -> anyhow::Result<()> {
     if wanted(Scenario::Scheduling) {
         let t = Instant::now();
         let r = scheduling::run(&servers, &profile).await;
+        eprintln!("[run-bench] ... took {:.0} s", t.elapsed().as_secs_f64());
+        goals.extend(r.goals());
+        show(r.section(), &mut sections);
+    }
+    if wanted(Scenario::Observability) {
+        let t = Instant::now();
+        let r = observability::run(&servers, &profile).await;
         eprintln!("[run-bench] ... took {:.0} s", t.elapsed().as_secs_f64());
         goals.extend(r.goals());
         show(r.section(), &mut sections);

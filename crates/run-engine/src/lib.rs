@@ -40,11 +40,14 @@ pub mod graph;
 pub mod handler;
 pub mod lease;
 pub mod log_sink;
+pub mod metrics;
 pub mod plan;
+pub mod prune;
 pub mod queries;
 pub mod shell;
 pub mod skip;
 pub mod status;
+pub mod story_log_layer;
 
 pub use cancel::{CancelReport, cancel_leftovers, cancel_run};
 pub use control::{CancelStoryReport, PauseReport, cancel_story, pause_run, resume_run};
@@ -65,6 +68,7 @@ pub use log_sink::{LogSink, LogSinkError};
 /// [`plan::StoryRef`] under another name: [`StoryRef`] is the executor's.
 pub use plan::StoryRef as PlanStoryRef;
 pub use plan::{Plan, PlanEpic, PlanError, PlanProblem, PlanStory, create_run_from_plan};
+pub use prune::{PRUNE_BATCH, PruneReport, prune_finished};
 pub use queries::{
     StoryCounts, epic_has_unfinished, expired_leases, pending_candidates, run_has_unfinished,
     unblocked_by, unfinished_stories,
@@ -72,3 +76,4 @@ pub use queries::{
 pub use shell::ShellHandler;
 pub use skip::{skip_blocked, skip_dependents};
 pub use status::{EpicView, LimitView, RunTree, RunView, StoryView, load_run_tree};
+pub use story_log_layer::StoryLogLayer;

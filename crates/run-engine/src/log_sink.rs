@@ -153,6 +153,25 @@ impl LogSink {
         let _ = self.tx.send(Message::Line(line)).await;
     }
 
+    /// Queues one line without waiting, for callers that cannot wait (a `tracing` layer): sent
+    /// at once when the writer has room, else by a task of its own (then it may land after
+    /// lines queued later).
+    pub fn line_now(&self, message: impl AsRef<str>) {
+        let line = format!("{}{}", self.prefix, message.as_ref());
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        match self.tx.try_send(Message::Line(line)) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Full(message)) => {
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    let tx = self.tx.clone();
+                    runtime.spawn(async move {
+                        let _ = tx.send(message).await;
+                    });
+                }
+            }
+        }
+    }
+
     /// Writes every line queued so far, through any handle, and waits until they are in the
     /// database. Reports lines that had to be dropped: once any were, every later flush
     /// reports them (the lines of whoever flushes may have been among them).
@@ -240,6 +259,11 @@ async fn write_batch(
         |e: &run_domain::LogError| e.is_transient(),
     )
     .await;
+    if result.is_ok() {
+        metrics::counter!(crate::metrics::LOG_BATCHES).increment(1);
+        metrics::counter!(crate::metrics::LOG_LINES)
+            .increment(u64::try_from(batch.messages().len()).unwrap_or(u64::MAX));
+    }
     if let Err(e) = result {
         let lost = dropped.get_or_insert(LogSinkError {
             run_id,

@@ -11,6 +11,7 @@ use crate::error::EngineError;
 use crate::finish::{start_epic, start_run};
 use crate::handler::{Cancellation, StoryContext};
 use crate::lease::{Claim, Lease};
+use crate::story_log_layer::StoryLogToken;
 use entity::run_story;
 use run_domain::{Lifecycle, RunStatus};
 use std::sync::atomic::Ordering;
@@ -58,21 +59,26 @@ impl Execution {
     /// Runs one claimed story to the end and records its result, in a span `attempt` with the
     /// run, epic, story, attempt and worker as fields.
     pub(super) async fn run_story(&self, claim: Claim, lease: &Lease) {
+        let sref = self.story_ref(&claim.story);
+        let log = self.log.with_prefix(format!("[{sref}] "));
+        // Events a handler emits in this span go to the story's log (`StoryLogLayer`).
+        let token = StoryLogToken::register(&log);
         let span = tracing::info_span!(
             "attempt",
             run_id = %self.run_id,
-            epic = %self.story_ref(&claim.story).epic,
+            epic = %sref.epic,
             story = %claim.story.key,
             attempt = claim.story.attempts,
             worker = %lease.owner,
+            story_log = token.0,
         );
-        self.run_claimed(claim, lease).instrument(span).await;
+        self.run_claimed(claim, lease, log).instrument(span).await;
+        drop(token);
     }
 
-    async fn run_claimed(&self, claim: Claim, lease: &Lease) {
+    async fn run_claimed(&self, claim: Claim, lease: &Lease, log: crate::log_sink::LogSink) {
         let story = claim.story;
         let sref = self.story_ref(&story);
-        let log = self.log.with_prefix(format!("[{sref}] "));
         let worker = lease.owner.clone();
         let held = self.hold(story.epic_id);
 

@@ -46,6 +46,9 @@ impl Execution {
             Ending::Done { outcome, stop } => (outcome, stop),
         };
         let how = release_for(stop, outcome);
+        if matches!(stop, Some(Stop::TimedOut(_))) {
+            metrics::counter!(crate::metrics::TIMED_OUT).increment(1);
+        }
         // SAFETY(log order): the story's output goes in before its result is recorded, so that
         // a reader who sees the story finished has seen its output (a story without output
         // does not wait for the log). The line that tells the result follows the record, so
@@ -182,7 +185,7 @@ impl Execution {
         // back to pending, or freed slots, may be claimable by an idle worker of this process.
         self.limits_freed(&story);
         if story.status == StoryStatus::Pending.as_str() || story.limit_keys.is_some() {
-            self.wake_all();
+            self.wake_all("story released");
         }
         let status = StoryStatus::parse(&story.status).unwrap_or(StoryStatus::Pending);
         let attempt = held.attempts;

@@ -54,7 +54,8 @@ impl Execution {
     }
     /// Wakes every idle worker of this process: something may be claimable. A worker that was
     /// about to wait sees it too (a generation count, not a one-shot signal).
-    pub(super) fn wake_all(&self) {
+    pub(super) fn wake_all(&self, cause: &'static str) {
+        metrics::counter!(crate::metrics::WAKEUPS, "cause" => cause).increment(1);
         self.wake.send_modify(|n| *n = n.wrapping_add(1));
     }
     /// Forgets every limit a claim found full (a slot was freed somewhere).
@@ -134,6 +135,7 @@ impl Execution {
 /// fencing, give-backs and finished epics and runs at info, warnings at warn. Run, epic,
 /// story, attempt and worker are fields (the story's span carries them too).
 fn trace_event(run_id: Uuid, event: &ExecutorEvent) {
+    crate::metrics::count_event(event);
     match event {
         ExecutorEvent::Started {
             story,

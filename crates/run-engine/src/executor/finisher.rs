@@ -101,7 +101,7 @@ impl Execution {
             candidates.put_first_of_its_priority(story);
         }
         drop(candidates);
-        self.wake_all();
+        self.wake_all("need completed");
     }
 
     /// Tells of each skipped story, then finishes their epics (and the run) if they are done.

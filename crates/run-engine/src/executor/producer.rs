@@ -187,6 +187,7 @@ impl Execution {
                 Ok(TryClaim::Claimed(claim)) => return Ok(Step::Claimed(Box::new(claim))),
                 Ok(TryClaim::Exhausted(story)) => self.on_exhausted(story).await,
                 Ok(TryClaim::Lost) => {
+                    metrics::counter!(crate::metrics::CLAIM_CONFLICTS).increment(1);
                     tracing::trace!(story = %candidate.key, "claimed first by another worker");
                 }
                 Ok(TryClaim::LimitFull(limit)) => {

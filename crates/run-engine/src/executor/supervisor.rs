@@ -119,6 +119,7 @@ impl Execution {
                     renewal = None;
                     match renewed {
                         Renewal::Renewed { story, recognised } => {
+                            metrics::counter!(crate::metrics::RENEWALS).increment(1);
                             held = *story;
                             lease_deadline = self.lease_deadline(&held, lease);
                             renew_failures = 0;

@@ -44,7 +44,7 @@ pub(super) async fn listen(execution: Arc<Execution>) {
             continue;
         }
         // Whatever was notified while this was not listening: look once now.
-        execution.wake_all();
+        execution.wake_all("listening again");
         loop {
             match listener.try_recv().await {
                 Ok(Some(note)) => {
@@ -56,14 +56,14 @@ pub(super) async fn listen(execution: Arc<Execution>) {
                         }
                         execution.stats.wakeups.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(run_id = %execution.run_id, payload, "woken by a notification");
-                        execution.wake_all();
+                        execution.wake_all("notification");
                     }
                 }
                 // The connection was lost; the next call connects and listens again.
                 Ok(None) => {
                     failures += 1;
                     lost(&execution, failures, "the connection was lost");
-                    execution.wake_all();
+                    execution.wake_all("listener lost");
                 }
                 Err(e) => {
                     failures += 1;

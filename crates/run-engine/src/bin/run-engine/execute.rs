@@ -26,6 +26,10 @@ pub(crate) async fn execute(
         .lease(Duration::from_secs(args.lease_secs))
         .poll_interval(args.poll)
         .listen(!args.no_listen);
+    if let Some(addr) = args.metrics {
+        run_engine::metrics::serve_prometheus(addr)?;
+        eprintln!("serving metrics on http://{addr}/metrics");
+    }
     let executor = Executor::new(db.clone(), ShellHandler::default(), config);
     let shutdown = Shutdown::new();
     let total = StoryCounts::of_run(&db, run_id).await?.total();

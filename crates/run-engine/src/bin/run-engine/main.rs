@@ -145,6 +145,16 @@ enum Command {
         /// The run's id
         run_id: Uuid,
     },
+    /// Delete finished runs (completed, failed, cancelled) with their epics, stories and log
+    /// lines, in small batches, while executors work on other runs
+    Prune {
+        /// Only runs that finished longer ago than this (humantime: 30d, 12h, 0s for all)
+        #[arg(long, value_parser = parse_age, value_name = "AGE")]
+        finished_before: Duration,
+        /// Count what would be deleted, and delete nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// List the concurrency limits with their use now, or change one (`limits set llm 5`)
     Limits {
         #[command(subcommand)]
@@ -188,6 +198,16 @@ struct ExecArgs {
     /// on, such as PgBouncer in transaction mode): idle workers only poll
     #[arg(long)]
     no_listen: bool,
+    /// Serve this process's metrics in the Prometheus text format on this address while it
+    /// runs (for example 127.0.0.1:9464; any path)
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
+}
+
+/// An age: a humantime duration (`0s` for every finished run).
+fn parse_age(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("{text:?} is not a duration ({e}); write it like \"30d\" or \"12h\""))
 }
 
 /// A poll interval: a humantime duration from 10 ms to an hour.
@@ -343,6 +363,30 @@ async fn run(command: Command, url: &str) -> Result<ExitCode> {
                 } else {
                     "was not paused"
                 }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Prune {
+            finished_before,
+            dry_run,
+        } => {
+            let db = open(url).await?;
+            let age = chrono::Duration::from_std(finished_before)
+                .map_err(|_| anyhow::anyhow!("--finished-before is too long"))?;
+            let cutoff = chrono::Utc::now()
+                .checked_sub_signed(age)
+                .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC);
+            let report = run_engine::prune_finished(&db, cutoff, dry_run).await?;
+            let plural =
+                |n: u64, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+            println!(
+                "{} {} ({}, {}, {}) finished before {}",
+                if dry_run { "would prune" } else { "pruned" },
+                plural(report.runs, "run", "runs"),
+                plural(report.epics, "epic", "epics"),
+                plural(report.stories, "story", "stories"),
+                plural(report.log_lines, "log line", "log lines"),
+                cutoff.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
             );
             Ok(ExitCode::SUCCESS)
         }
