@@ -322,6 +322,15 @@ fn duration_between(start: &Option<String>, end: &Option<String>) -> Option<Stri
     Some(format!("{}.{:02}s", ms / 1000, (ms % 1000) / 10))
 }
 
+/// How long ago a lease that has run out did (`40s`), or `None` while it holds.
+fn expired_ago(expires_at: Option<&str>) -> Option<String> {
+    let at: DateTime<Utc> = expires_at?.parse().ok()?;
+    let ago = (Utc::now() - at).to_std().ok()?;
+    Some(crate::plan::duration::describe(
+        std::time::Duration::from_secs(ago.as_secs()),
+    ))
+}
+
 fn is_finished(status: &str) -> bool {
     run_domain::RunStatus::parse(status).is_some_and(|s| s.is_terminal())
 }
@@ -423,6 +432,10 @@ impl RunTree {
                     && let Some(owner) = &s.lease_owner
                 {
                     details.push(format!("on {owner}"));
+                    // A dead or stalled executor: its lease ran out, nobody took it over yet.
+                    if let Some(ago) = expired_ago(s.lease_expires_at.as_deref()) {
+                        details.push(format!("lease expired {ago} ago"));
+                    }
                 }
                 if let Some(timeout) = &s.timeout
                     && s.status == StoryStatus::Running.as_str()
@@ -454,10 +467,121 @@ impl RunTree {
                     } else {
                         "error"
                     };
-                    let _ = writeln!(out, "{stem}   {label}: {error}");
+                    // Under a story that is not its epic's last, the epic's line goes on.
+                    let rail = if j + 1 == e.stories.len() {
+                        "   "
+                    } else {
+                        "│  "
+                    };
+                    let _ = writeln!(out, "{stem}{rail}{label}: {error}");
                 }
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn story(key: &str, status: &str, error: Option<&str>) -> StoryView {
+        StoryView {
+            key: key.into(),
+            title: key.into(),
+            status: status.into(),
+            attempts: 1,
+            max_attempts: 1,
+            command: None,
+            lease_owner: None,
+            lease_expires_at: None,
+            started_at: None,
+            finished_at: None,
+            error: error.map(str::to_owned),
+            needs: Vec::new(),
+            waiting_on: Vec::new(),
+            timeout: None,
+            retry_at: None,
+            priority: 0,
+            limits: Vec::new(),
+        }
+    }
+
+    fn tree(stories: Vec<StoryView>) -> RunTree {
+        let counts = StoryCounts::default();
+        RunTree {
+            run: RunView {
+                id: Uuid::nil(),
+                key: "r".into(),
+                title: "r".into(),
+                status: "running".into(),
+                version: 1,
+                created_at: None,
+                started_at: None,
+                finished_at: None,
+                error: None,
+                paused_at: None,
+                counts,
+                progress_percent: 0,
+                limits: Vec::new(),
+            },
+            epics: vec![
+                EpicView {
+                    key: "e".into(),
+                    title: "e".into(),
+                    status: "running".into(),
+                    started_at: None,
+                    finished_at: None,
+                    error: None,
+                    counts,
+                    needs: Vec::new(),
+                    stories,
+                },
+                EpicView {
+                    key: "f".into(),
+                    title: "f".into(),
+                    status: "pending".into(),
+                    started_at: None,
+                    finished_at: None,
+                    error: None,
+                    counts,
+                    needs: Vec::new(),
+                    stories: vec![story("z", "pending", None)],
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn an_error_under_a_story_that_is_not_the_last_keeps_the_rail() {
+        let text = tree(vec![
+            story("a", "failed", Some("boom")),
+            story("b", "failed", Some("bang")),
+        ])
+        .render();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[2], "│  ├─ a: failed (attempt 1/1)", "{text}");
+        assert_eq!(lines[3], "│  │  error: boom", "{text}");
+        assert_eq!(lines[4], "│  └─ b: failed (attempt 1/1)", "{text}");
+        assert_eq!(lines[5], "│     error: bang", "{text}");
+    }
+
+    #[test]
+    fn a_running_story_whose_lease_ran_out_says_so() {
+        let mut dead = story("a", "running", None);
+        dead.lease_owner = Some("host-1".into());
+        dead.lease_expires_at = ts(Some(Utc::now() - chrono::Duration::seconds(40)));
+        let mut alive = story("b", "running", None);
+        alive.lease_owner = Some("host-2".into());
+        alive.lease_expires_at = ts(Some(Utc::now() + chrono::Duration::seconds(40)));
+        let text = tree(vec![dead, alive]).render();
+        assert!(
+            text.contains("a: running (attempt 1/1, on host-1, lease expired 40s ago)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("b: running (attempt 1/1, on host-2)"),
+            "{text}"
+        );
     }
 }

@@ -20,6 +20,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 impl Execution {
     /// Records how the attempt ended, from the version of the last renewal. Returns the story
@@ -139,6 +140,12 @@ impl Execution {
                 Recording::Failed(_) => false,
             },
         )
+        .instrument(tracing::debug_span!(
+            "record",
+            story = %sref,
+            version = held.version,
+            result = how.as_ref().map_or("give back", release_name),
+        ))
         .await;
         held = current.into_inner().unwrap_or_else(|p| p.into_inner());
         let result = result.map_err(|e| match e {
@@ -315,6 +322,15 @@ pub(super) fn result_line(
             (StoryStatus::Cancelled, _) => format!("cancelled on {worker}"),
             (other, _) => format!("{other} on {worker}"),
         },
+    }
+}
+
+/// How a release is named in the `record` span.
+fn release_name(how: &Release) -> &'static str {
+    match how {
+        Release::Completed => "completed",
+        Release::Failed { .. } => "failed",
+        Release::Cancelled => "cancelled",
     }
 }
 

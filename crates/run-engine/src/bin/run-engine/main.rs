@@ -39,7 +39,7 @@ pub(crate) const LOG_PAGE: u64 = 1000;
 #[command(
     name = "run-engine",
     version,
-    about = "Create, execute, follow and cancel runs of plans",
+    about = "Create, execute, follow, pause and cancel runs of plans; share concurrency limits across processes; prune finished runs",
     after_help = "The database is --database-url, else DATABASE_URL (also from a .env file), \
                   else the SQLite file run-engine.db in the working directory."
 )]
