@@ -16,7 +16,7 @@
 //!   `run_story_limit` (one row per story and limit it holds, for the candidate query to pass
 //!   over stories whose limit is full). A limit cannot be dropped while a story names it.
 //! - `ix_run_story_ready` becomes (run, status, unmet needs, priority descending, position,
-//!   not before): the candidate query's order, with the delay it filters on.
+//!   id): the candidate query's order to the last column, so it stops after the rows it returns.
 //!
 //! The down step drops the tables and columns and puts the former ready index back; every
 //! other row stays.
@@ -29,8 +29,6 @@ use sea_orm_migration::sea_orm::DbBackend;
 const READY_INDEX: &str = "ix_run_story_ready";
 const LIMIT_NAME_INDEX: &str = "ux_run_limit_name";
 const STORY_LIMIT_INDEX: &str = "ix_run_story_limit_limit";
-const FREE_SLOT_INDEX: &str = "ix_run_limit_slot_free";
-const HELD_SLOT_INDEX: &str = "ix_run_limit_slot_story";
 
 #[derive(DeriveMigrationName)]
 pub struct Migration;
@@ -44,10 +42,12 @@ fn ready_index(with_scheduling: bool) -> IndexCreateStatement {
         .col(RunStory::Status)
         .col(RunStory::UnmetNeeds);
     if with_scheduling {
+        // In the candidate query's order, to the last column, so that it reads only the rows
+        // it returns (64) instead of sorting every pending story.
         index
             .col((RunStory::Priority, IndexOrder::Desc))
             .col(RunStory::Position)
-            .col(RunStory::NotBeforeMs);
+            .col(RunStory::Id);
     } else {
         index.col(RunStory::Position);
     }
@@ -214,28 +214,10 @@ async fn up(manager: &SchemaManager<'_>) -> Result<(), DbErr> {
                 .to_owned(),
         )
         .await?;
-    // A free slot of a limit: one probe.
-    manager
-        .create_index(
-            Index::create()
-                .name(FREE_SLOT_INDEX)
-                .table(RunLimitSlot::Table)
-                .col(RunLimitSlot::LimitId)
-                .col(RunLimitSlot::StoryId)
-                .col(RunLimitSlot::SlotNo)
-                .to_owned(),
-        )
-        .await?;
-    // The slots a story holds, given back when it stops running.
-    manager
-        .create_index(
-            Index::create()
-                .name(HELD_SLOT_INDEX)
-                .table(RunLimitSlot::Table)
-                .col(RunLimitSlot::StoryId)
-                .to_owned(),
-        )
-        .await?;
+    // No index on `story_id`: every claim and result of a limited story rewrites it, and on
+    // PostgreSQL an indexed column makes each of those updates leave a dead index entry that
+    // later probes wade through (thousands per limit over a large run); unindexed, they stay
+    // heap-only and are pruned in place. A limit's slots are found by the key's first column.
     manager
         .create_index(
             Index::create()

@@ -357,9 +357,16 @@ where
                 ));
             }
         } else {
+            let mut names = Vec::with_capacity(keys.len());
+            for key in keys {
+                names.push(param(key.clone().into()));
+            }
+            // By the key's first column (the story's limits), not a scan for the story.
             sql.push_str(&format!(
-                ", free AS (UPDATE run_limit_slot SET story_id = NULL WHERE story_id = {story} \
-                 AND EXISTS (SELECT 1 FROM story) RETURNING 1)"
+                ", free AS (UPDATE run_limit_slot SET story_id = NULL WHERE limit_id IN \
+                 (SELECT id FROM run_limit WHERE name IN ({})) AND story_id = {story} \
+                 AND EXISTS (SELECT 1 FROM story) RETURNING 1)",
+                names.join(", ")
             ));
         }
         sql.push_str(&format!(
@@ -402,8 +409,16 @@ where
             }
         }
     } else {
+        let limits: Vec<Uuid> = run_limit::Entity::find()
+            .select_only()
+            .column(run_limit::Column::Id)
+            .filter(run_limit::Column::Name.is_in(keys.iter().map(String::as_str)))
+            .into_tuple()
+            .all(&tx)
+            .await?;
         run_limit_slot::Entity::update_many()
             .col_expr(run_limit_slot::Column::StoryId, Expr::val(None::<Uuid>))
+            .filter(run_limit_slot::Column::LimitId.is_in(limits))
             .filter(run_limit_slot::Column::StoryId.eq(id))
             .exec(&tx)
             .await?;

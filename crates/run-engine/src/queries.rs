@@ -120,8 +120,9 @@ impl StoryCounts {
 
 /// Up to `limit` pending stories of `run_id` that may start now: their needs all completed,
 /// their retry delay (if any) passed, and no limit they hold full; highest priority first,
-/// then in position order. One look through the `(run_id, status, unmet_needs, priority,
-/// position, not_before_ms)` index, however many stories still wait.
+/// then in position order. One look through the `(run_id, status, unmet_needs, priority DESC,
+/// position, id)` index, in its order, reading only about the rows it returns, however many
+/// stories still wait.
 pub async fn pending_candidates<C: ConnectionTrait>(
     db: &C,
     run_id: Uuid,
