@@ -360,7 +360,7 @@ impl OrderedResult {
              each shape created and executed in turn (median of the repeats). The rule (a story \
              starts only after every story it needs completed) is enforced in the claim's \
              compare-and-swap; the candidate query reads only stories with no unmet need \
-             through the `(run_id, status, unmet_needs, position)` index; a completion counts \
+             through the `(run_id, status, unmet_needs, priority, position, id)` index; a completion counts \
              down its dependents in its own transaction and hands those it unblocked to its \
              process's workers.\n\n",
             self.stories
