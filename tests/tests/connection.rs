@@ -72,3 +72,18 @@ each_backend! {
         one.close().await.expect("close");
     }
 }
+
+/// `mariadb://` URLs are taken as `mysql://` ones (the docs promise it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mariadb_url_opens_the_server_like_a_mysql_one() {
+    let Some(t) = run_engine_tests::TestDb::migrated(run_engine_tests::Backend::MySql).await else {
+        return;
+    };
+    let url = t.url.replacen("mysql://", "mariadb://", 1);
+    assert!(url.starts_with("mariadb://"), "{url}");
+    let db = run_domain::connect(&url)
+        .await
+        .expect("a mariadb:// URL connects");
+    assert_eq!(db.get_database_backend(), DbBackend::MySql);
+    db.execute_unprepared("SELECT 1").await.expect("a query");
+}

@@ -100,7 +100,18 @@ async fn open(url: &str, pool_size: Option<u32>) -> Result<DatabaseConnection, C
             url: redacted.clone(),
             reason: "no scheme (expected sqlite://, postgres:// or mysql://)".into(),
         })?;
-    let mut opts = ConnectOptions::new(url.to_owned());
+    // `mariadb://` is MariaDB's own spelling of a `mysql://` URL; the driver knows only the
+    // latter.
+    let url = match scheme.as_str() {
+        "mariadb" => format!("mysql{}", url.get(scheme.len()..).unwrap_or_default()),
+        _ => url.to_owned(),
+    };
+    let scheme = if scheme == "mariadb" {
+        "mysql".to_owned()
+    } else {
+        scheme
+    };
+    let mut opts = ConnectOptions::new(url.clone());
     opts.sqlx_logging(false)
         .acquire_timeout(Duration::from_secs(30));
     let default_size = match scheme.as_str() {

@@ -71,7 +71,7 @@ pub(crate) async fn probe_server(url: &str) -> Result<()> {
     };
     let default_port = match parsed.scheme().to_ascii_lowercase().as_str() {
         "postgres" | "postgresql" => 5432,
-        "mysql" => 3306,
+        "mysql" | "mariadb" => 3306,
         _ => return Ok(()),
     };
     // A Unix socket (empty host, or a `host`/`socket` parameter) is not probed.
