@@ -145,6 +145,10 @@ pub struct ExecutorProbe {
     pub stories: u64,
     /// Seconds the execution took.
     pub secs: f64,
+    /// Claim statements the executor sent.
+    pub claims: u64,
+    /// Claims another worker or process won first.
+    pub conflicts: u64,
 }
 
 impl ExecutorProbe {
@@ -152,13 +156,13 @@ impl ExecutorProbe {
     ///
     /// ```
     /// use run_bench::memory::ExecutorProbe;
-    /// let p = ExecutorProbe { start_rss_kib: 1, peak_kib: 2, stories: 3, secs: 0.5 };
+    /// let p = ExecutorProbe { start_rss_kib: 1, peak_kib: 2, stories: 3, secs: 0.5, claims: 2, conflicts: 1 };
     /// assert_eq!(ExecutorProbe::parse(&p.to_line()).unwrap(), p);
     /// ```
     pub fn to_line(&self) -> String {
         format!(
-            "executor-probe start_rss_kib={} peak_kib={} stories={} secs={}",
-            self.start_rss_kib, self.peak_kib, self.stories, self.secs
+            "executor-probe start_rss_kib={} peak_kib={} stories={} secs={} claims={} conflicts={}",
+            self.start_rss_kib, self.peak_kib, self.stories, self.secs, self.claims, self.conflicts
         )
     }
 
@@ -169,6 +173,8 @@ impl ExecutorProbe {
             peak_kib: field(line, "peak_kib")?.parse()?,
             stories: field(line, "stories")?.parse()?,
             secs: field(line, "secs")?.parse()?,
+            claims: field(line, "claims")?.parse()?,
+            conflicts: field(line, "conflicts")?.parse()?,
         })
     }
 
@@ -310,6 +316,8 @@ pub async fn executor_probe(
         peak_kib,
         stories: summary.recorded,
         secs,
+        claims: summary.claims_tried,
+        conflicts: summary.claim_conflicts,
     })
 }
 
@@ -367,8 +375,18 @@ async fn spawn_probe(url: &str, run_id: Uuid, reader: Reader) -> anyhow::Result<
 
 /// Runs the executor on run `run_id` in a child process and returns its report.
 async fn spawn_executor_probe(url: &str, run_id: Uuid) -> anyhow::Result<ExecutorProbe> {
+    spawn_executor(url, run_id, EXECUTOR_WORKERS).await
+}
+
+/// Runs the executor with `workers` workers on run `run_id` in a child process of its own (a
+/// process of the run's executors) and returns its report.
+pub async fn spawn_executor(
+    url: &str,
+    run_id: Uuid,
+    workers: usize,
+) -> anyhow::Result<ExecutorProbe> {
     let run_id = run_id.to_string();
-    let workers = EXECUTOR_WORKERS.to_string();
+    let workers = workers.to_string();
     let args = [
         EXECUTOR_PROBE_SUBCOMMAND,
         "--url",

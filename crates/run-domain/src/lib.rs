@@ -9,8 +9,10 @@
 //! - [`create`]: new runs, epics and stories, at version 1.
 //! - [`schedule`]: retry delays and pausing: when a story may start.
 //! - [`limits`]: concurrency limits shared by every process.
+//! - [`batch`]: many stories per statement: batched starts and completions.
 //! - [`connection`]: [`connect`] with the right defaults per backend.
 
+pub mod batch;
 pub mod connection;
 pub mod create;
 pub mod error;

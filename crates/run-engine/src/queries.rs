@@ -266,6 +266,24 @@ pub async fn run_has_story_in<C: ConnectionTrait>(
     Ok(one.is_some())
 }
 
+/// Whether some story of the run holds a limit: one look at the run's stories (`limit_keys` is
+/// fixed at creation, so the answer holds for the run's life).
+pub async fn run_has_limited_stories<C: ConnectionTrait>(
+    db: &C,
+    run_id: Uuid,
+) -> Result<bool, DbErr> {
+    let one = run_story::Entity::find()
+        .select_only()
+        .column(run_story::Column::Id)
+        .filter(run_story::Column::RunId.eq(run_id))
+        .filter(run_story::Column::LimitKeys.is_not_null())
+        .limit(1)
+        .into_tuple::<Uuid>()
+        .one(db)
+        .await?;
+    Ok(one.is_some())
+}
+
 /// Whether any story of the run is still pending or running.
 pub async fn run_has_unfinished<C: ConnectionTrait>(db: &C, run_id: Uuid) -> Result<bool, DbErr> {
     let n = run_story::Entity::find()

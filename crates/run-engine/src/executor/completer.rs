@@ -74,6 +74,38 @@ impl Execution {
         {
             return None;
         }
+        // Batched with the results of other stories finishing at once, when nothing but the
+        // story's own row changes; anything the batch did not write (a version that moved on,
+        // an error) goes the one-story way below, which tells a fence from a lost answer.
+        let batched = if self.batching
+            && how == Some(Release::Completed)
+            && held.needed_by == 0
+            && held.limit_keys.is_none()
+        {
+            self.completions.complete(self.db(), &held).await
+        } else {
+            None
+        };
+        let result = match batched {
+            Some(done) => Ok((done, Some(Vec::new()))),
+            None => self.record_one(sref, &mut held, how.as_ref(), worker).await,
+        };
+        self.recorded(
+            sref, log, result, &held, how, worker, elapsed, line_first, line,
+        )
+        .await
+    }
+
+    /// Records one story's result by compare-and-swap from `held`, recognising a try whose
+    /// answer was lost and adopting a renewal of ours that committed unseen (`held` moves on
+    /// to it).
+    async fn record_one(
+        &self,
+        sref: &StoryRef,
+        held: &mut run_story::Model,
+        how: Option<&Release>,
+        worker: &str,
+    ) -> Result<(run_story::Model, Option<Vec<run_story::Model>>), TransitionError> {
         // The version to release from: moves on when a renewal of ours turns out to have
         // committed with its answer lost (adopted, at most MAX_ADOPTIONS times).
         let current = Mutex::new(held.clone());
@@ -83,7 +115,7 @@ impl Execution {
         let (result, _) = retry_when(
             &Recorder { transient },
             |_| {
-                let (current, adoptions, how) = (&current, &adoptions, how.as_ref());
+                let (current, adoptions) = (&current, &adoptions);
                 async move {
                     let from = current
                         .lock()
@@ -144,11 +176,11 @@ impl Execution {
             "record",
             story = %sref,
             version = held.version,
-            result = how.as_ref().map_or("give back", release_name),
+            result = how.map_or("give back", release_name),
         ))
         .await;
-        held = current.into_inner().unwrap_or_else(|p| p.into_inner());
-        let result = result.map_err(|e| match e {
+        *held = current.into_inner().unwrap_or_else(|p| p.into_inner());
+        result.map_err(|e| match e {
             Recording::Failed(e) => e,
             // Never returned (an adoption is always tried again); should it be, the conflict
             // stands.
@@ -158,7 +190,24 @@ impl Execution {
                 expected: held.version,
                 actual: held.version,
             }),
-        });
+        })
+    }
+
+    /// After a record was tried: the result line, wake-ups, events; the story when it reached
+    /// a terminal status.
+    #[allow(clippy::too_many_arguments)]
+    async fn recorded(
+        &self,
+        sref: &StoryRef,
+        log: &LogSink,
+        result: Result<(run_story::Model, Option<Vec<run_story::Model>>), TransitionError>,
+        held: &run_story::Model,
+        how: Option<Release>,
+        worker: &str,
+        elapsed: Duration,
+        line_first: bool,
+        line: String,
+    ) -> Option<(run_story::Model, Option<Vec<run_story::Model>>)> {
         let (story, gone) = match result {
             Ok(done) => done,
             Err(
@@ -200,7 +249,7 @@ impl Execution {
             self.stats.given_back.fetch_add(1, Ordering::Relaxed);
             self.emit(ExecutorEvent::GaveBack {
                 story: sref.clone(),
-                worker: worker.clone(),
+                worker: worker.to_owned(),
             });
         } else {
             self.stats.recorded.fetch_add(1, Ordering::Relaxed);
@@ -211,7 +260,7 @@ impl Execution {
                 max_attempts: story.max_attempts,
                 elapsed,
                 error: story.error.clone(),
-                worker: worker.clone(),
+                worker: worker.to_owned(),
             });
         }
         status.is_terminal().then_some((story, gone))
@@ -355,6 +404,57 @@ pub(super) struct AttemptEnd {
     pub(super) elapsed: Duration,
     /// The count of the story's log handle before the handler ran: lines past it are output.
     pub(super) output_from: u64,
+}
+
+/// Results of stories that finished at once, recorded in one write
+/// ([`run_domain::batch::complete_running`]): the first to arrive writes every result queued by
+/// then, the others wait for their answers (group commit, as the log sink's).
+#[derive(Default)]
+pub(super) struct Completions {
+    /// Results waiting for the next write, each with where its answer goes.
+    queue: Mutex<Vec<(run_story::Model, Answer)>>,
+    /// Held while a write is in flight.
+    writer: tokio::sync::Mutex<()>,
+}
+
+/// Where a batched write's answer for one story goes: the story as written, or `None` when it
+/// was not (its version moved on, or the write failed).
+type Answer = tokio::sync::oneshot::Sender<Option<run_story::Model>>;
+
+impl Completions {
+    /// Completes `held` in the next batched write; the story as written, or `None` when the
+    /// write did not write it (a version that moved on, or a failed write that may have
+    /// committed: the caller tries the one-story way, which tells them apart). Answers only
+    /// once the write committed.
+    pub(super) async fn complete(
+        &self,
+        db: &sea_orm::DatabaseConnection,
+        held: &run_story::Model,
+    ) -> Option<run_story::Model> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.queue.lock().ok()?.push((held.clone(), tx));
+        {
+            let _writing = self.writer.lock().await;
+            let batch = self
+                .queue
+                .lock()
+                .map(|mut q| std::mem::take(&mut *q))
+                .unwrap_or_default();
+            if !batch.is_empty() {
+                let stories: Vec<run_story::Model> = batch.iter().map(|(s, _)| s.clone()).collect();
+                let written = run_domain::batch::complete_running(db, &stories).await;
+                if let Err(e) = &written {
+                    tracing::debug!(error = %e, stories = stories.len(), "a batched completion failed; each story is recorded on its own");
+                }
+                let mut written = written.unwrap_or_default();
+                for (story, answer) in batch {
+                    let at = written.iter().position(|w| w.id == story.id);
+                    let _ = answer.send(at.map(|i| written.swap_remove(i)));
+                }
+            }
+        }
+        rx.await.ok().flatten()
+    }
 }
 
 /// Why one try at recording failed.

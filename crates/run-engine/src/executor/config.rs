@@ -35,6 +35,15 @@ pub struct ExecutorConfig {
     /// processes read their own, in a shuffled order, and a candidate taken meanwhile only
     /// costs a failed compare-and-swap).
     pub candidate_window: u64,
+    /// The most stories one claim takes (default 32). A worker that finds nothing to run
+    /// claims, in one statement, a story for itself and one for each worker of this process
+    /// waiting for work (so the batch grows with the idle workers, up to this), and hands them
+    /// over. The statement skips rows another process is claiming (`FOR UPDATE SKIP LOCKED` on
+    /// PostgreSQL and MariaDB), so processes spread over the ready stories. Runs whose stories
+    /// hold limits, and take-overs of expired leases, are claimed one at a time by
+    /// compare-and-swap; so is everything with 1. Completions are batched the same way: the
+    /// results of stories finishing at once are recorded in one write.
+    pub claim_batch: usize,
     /// How long a handler has to stop after it is cancelled before it is dropped.
     pub cancel_grace: Duration,
     /// Worker ids are `<worker_prefix>-<n>`; by default `<hostname>-<pid>`. They must be unique
@@ -53,7 +62,8 @@ pub struct ExecutorConfig {
 }
 
 impl Default for ExecutorConfig {
-    /// 4 workers, 30 s leases renewed every 10 s, 250 ms polls, 64 candidates, 10 s grace,
+    /// 4 workers, 30 s leases renewed every 10 s, 250 ms polls, 64 candidates, claims of up to
+    /// 32 stories, 10 s grace,
     /// transient database failures retried for up to 30 s.
     fn default() -> Self {
         ExecutorConfig {
@@ -62,6 +72,7 @@ impl Default for ExecutorConfig {
             renew_every: Duration::from_secs(10),
             poll_interval: Duration::from_millis(250),
             candidate_window: 64,
+            claim_batch: 32,
             cancel_grace: Duration::from_secs(10),
             worker_prefix: default_worker_prefix(),
             retry_transient: true,
@@ -75,6 +86,13 @@ impl ExecutorConfig {
     /// Sets the number of workers (at least 1).
     pub fn workers(mut self, workers: usize) -> Self {
         self.workers = workers.max(1);
+        self
+    }
+
+    /// Sets the most stories one claim takes (see [`ExecutorConfig::claim_batch`]; 1 claims
+    /// and records one story per statement). At most [`run_domain::batch::MAX_BATCH`].
+    pub fn claim_batch(mut self, batch: usize) -> Self {
+        self.claim_batch = batch.clamp(1, run_domain::batch::MAX_BATCH);
         self
     }
 

@@ -109,9 +109,13 @@ pub struct Summary {
     /// Writes of this executor whose answer was lost but that had committed (a claim, a
     /// renewal, a result), recognised on re-reading the row.
     pub recognised: u64,
-    /// Claim statements this executor sent (one per story it tried to claim; a story waiting
-    /// for its retry delay, a paused run or a full limit is not tried).
+    /// Claim statements this executor sent (a batched claim counts one, however many stories
+    /// it took; a story waiting for its retry delay, a paused run or a full limit is not
+    /// tried).
     pub claims_tried: u64,
+    /// Claims of one story that another worker or process won first (a batched claim skips
+    /// what others are claiming, and counts none).
+    pub claim_conflicts: u64,
     /// Reads this executor made to find work: candidate queries and idle looks.
     pub looks: u64,
     /// Notifications that woke this executor's idle workers (PostgreSQL).

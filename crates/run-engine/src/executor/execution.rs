@@ -195,6 +195,7 @@ pub(super) struct Stats {
     pub(super) retried: AtomicU64,
     pub(super) recognised: AtomicU64,
     pub(super) claims_tried: AtomicU64,
+    pub(super) claim_conflicts: AtomicU64,
     pub(super) looks: AtomicU64,
     pub(super) wakeups: AtomicU64,
     pub(super) listener_lost: AtomicU64,
@@ -233,6 +234,13 @@ pub(super) struct Execution {
     /// moment (until a story of this process gives one back, or [`super::FULL_FOR`]) instead
     /// of being tried in vain.
     pub(super) full_limits: Mutex<HashMap<String, std::time::Instant>>,
+    /// Whether claims and completions are batched ([`super::config::ExecutorConfig::claim_batch`]
+    /// above 1, and no story of the run holds a limit).
+    pub(super) batching: bool,
+    /// Workers waiting for a story, and the stories another worker claimed for them.
+    pub(super) handoff: Mutex<super::producer::Handoff>,
+    /// Results waiting to be recorded in the next batched write.
+    pub(super) completions: super::completer::Completions,
 }
 
 /// A story of `epic` held by a worker of this process, counted in `held_per_epic` until

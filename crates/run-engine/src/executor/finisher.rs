@@ -91,14 +91,20 @@ impl Execution {
     }
 
     /// Puts `ready` stories in this process's queue, ahead of every story of lower or equal
-    /// priority, and wakes idle workers.
+    /// priority (when claims are batched: tells the next claim they are there), and wakes
+    /// idle workers.
     pub(super) async fn hand_over(&self, ready: Vec<run_story::Model>) {
         if ready.is_empty() {
             return;
         }
         let mut candidates = self.candidates.lock().await;
-        for story in ready.into_iter().rev() {
-            candidates.put_first_of_its_priority(story);
+        if self.batching {
+            // The next batched claim picks them up (with whatever else is ready), no look first.
+            candidates.drained = false;
+        } else {
+            for story in ready.into_iter().rev() {
+                candidates.put_first_of_its_priority(story);
+            }
         }
         drop(candidates);
         self.wake_all("need completed");

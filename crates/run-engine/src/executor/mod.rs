@@ -75,15 +75,16 @@ use crate::error::{EngineError, TransientDb};
 use crate::finish::settle_run;
 use crate::handler::StoryHandler;
 use crate::log_sink::LogSink;
-use crate::queries::StoryCounts;
+use crate::queries::{StoryCounts, run_has_limited_stories};
 use chrono::Utc;
+use completer::Completions;
 pub use config::{ExecutorConfig, default_worker_prefix};
 use entity::{run, run_epic};
 pub use event::{ExecutorEvent, StoryRef, Summary};
 use execution::AbortOnDrop;
 use execution::Execution;
 use execution::Stats;
-use producer::Candidates;
+use producer::{Candidates, Handoff};
 use run_domain::retry::retry_transient;
 use run_domain::{Lifecycle, RunStatus};
 use run_watch::watch_run;
@@ -219,6 +220,12 @@ impl Executor {
             .into_iter()
             .map(|e| (e.id, e.key))
             .collect();
+        let batching = self.inner.config.claim_batch > 1
+            && !self
+                .retrying(&stats, "reading the run's limits", || {
+                    run_has_limited_stories(db, run_id)
+                })
+                .await?;
         let (status_tx, status_rx) = watch::channel(status);
         let (paused_tx, paused_rx) = watch::channel(run.paused_at.is_some());
         let execution = Arc::new(Execution {
@@ -240,6 +247,9 @@ impl Executor {
             last_sweep: Mutex::new(None),
             fail_fast: run.fail_fast,
             full_limits: Mutex::new(HashMap::new()),
+            batching,
+            handoff: Mutex::new(Handoff::default()),
+            completions: Completions::default(),
         });
 
         let mut first_error = None;
@@ -277,6 +287,9 @@ impl Executor {
                     first_error.get_or_insert(e);
                 }
             }
+            // Stories claimed for workers that stopped first go back at once (their leases
+            // would otherwise hold them until they expire).
+            execution.give_back_spare().await;
             drop(watcher);
             drop(listener);
         }
@@ -324,6 +337,7 @@ impl Executor {
             retried: stats.retried.load(Ordering::Relaxed),
             recognised: stats.recognised.load(Ordering::Relaxed),
             claims_tried: stats.claims_tried.load(Ordering::Relaxed),
+            claim_conflicts: stats.claim_conflicts.load(Ordering::Relaxed),
             looks: stats.looks.load(Ordering::Relaxed),
             wakeups: stats.wakeups.load(Ordering::Relaxed),
             listener_lost: stats.listener_lost.load(Ordering::Relaxed),

@@ -36,7 +36,7 @@ impl Execution {
             }
             // Anything that wakes the workers from here on ends this worker's next wait.
             woken.borrow_and_update();
-            let step = match self.claim_next(&lease).await {
+            let step = match self.claim_next(n, &lease).await {
                 Ok(Step::Idle) if *self.paused.borrow() => Ok(Step::Paused),
                 Ok(Step::Idle) => match self.idle_look().await {
                     Ok(Look {
@@ -70,7 +70,13 @@ impl Execution {
             }
             match step {
                 Ok(Step::Claimed(claim)) => {
-                    self.run_story(*claim, &lease).await;
+                    // A story another worker of this process claimed for this one is leased in
+                    // that worker's name: renewals and the record go under it.
+                    let held = match claim.story.lease_owner.as_deref() {
+                        Some(owner) if owner != lease.owner => Lease::new(owner, lease.duration),
+                        _ => lease.clone(),
+                    };
+                    self.run_story(*claim, &held).await;
                 }
                 Ok(Step::Contended) => {
                     tokio::time::sleep(Duration::from_millis(fastrand::u64(0..=5))).await;
@@ -158,8 +164,15 @@ impl Execution {
             next_retry_ms,
         })
     }
-    pub(super) async fn claim_next(&self, lease: &Lease) -> Result<Step, EngineError> {
+    pub(super) async fn claim_next(&self, n: usize, lease: &Lease) -> Result<Step, EngineError> {
         let db = self.db();
+        if self.batching {
+            match self.batch_claim(n, lease).await? {
+                Batch::Claimed(claim) => return Ok(Step::Claimed(claim)),
+                Batch::Nothing => return Ok(Step::Idle),
+                Batch::OneByOne => {}
+            }
+        }
         let window = self.config().candidate_window.max(1);
         // Bounded, so that a worker meeting only candidates others took first backs off.
         for _ in 0..window {
@@ -188,6 +201,7 @@ impl Execution {
                 Ok(TryClaim::Exhausted(story)) => self.on_exhausted(story).await,
                 Ok(TryClaim::Lost) => {
                     metrics::counter!(crate::metrics::CLAIM_CONFLICTS).increment(1);
+                    self.stats.claim_conflicts.fetch_add(1, Ordering::Relaxed);
                     tracing::trace!(story = %candidate.key, "claimed first by another worker");
                 }
                 Ok(TryClaim::LimitFull(limit)) => {
@@ -204,6 +218,144 @@ impl Execution {
             }
         }
         Ok(Step::Contended)
+    }
+    /// Claims ready stories in one statement (see [`run_domain::batch::start_ready`]): one for
+    /// worker `n` and one for each worker of this process waiting for work, handed over to
+    /// them; or takes one claimed for `n` by another worker. [`Batch::OneByOne`] when a look
+    /// for expired leases (every [`EXPIRY_CHECK_EVERY`]) found some: they are taken over one
+    /// at a time.
+    async fn batch_claim(&self, n: usize, lease: &Lease) -> Result<Batch, EngineError> {
+        self.with_handoff(|h| h.idle.push(n));
+        // One claimer at a time; the workers waiting here are the idle ones.
+        let mut candidates = self.candidates.lock().await;
+        let given = self.with_handoff(|h| {
+            h.idle.retain(|w| *w != n);
+            h.given.remove(&n).or_else(|| h.spare.pop_front())
+        });
+        if let Some(claim) = given.flatten() {
+            drop(candidates);
+            if self.stop_claiming() {
+                self.give_back_unstarted(claim).await;
+                return Ok(Batch::Nothing);
+            }
+            return Ok(Batch::Claimed(Box::new(claim)));
+        }
+        let due = candidates
+            .last_expiry_check
+            .is_none_or(|t| t.elapsed() >= EXPIRY_CHECK_EVERY);
+        if due {
+            // Expired leases are taken over one at a time (each its own compare-and-swap).
+            candidates.last_expiry_check = Some(Instant::now());
+            let limit = usize::try_from(self.config().candidate_window).unwrap_or(usize::MAX);
+            let expired = expired_leases(self.db(), self.run_id, Utc::now(), limit).await?;
+            candidates.queue.extend(expired);
+        }
+        if !candidates.queue.is_empty() {
+            return Ok(Batch::OneByOne);
+        }
+        if self.stop_claiming() || *self.paused.borrow() {
+            return Ok(Batch::Nothing);
+        }
+        if candidates.drained {
+            // The last claim came back short: look before claiming again, so that idle
+            // workers woken for nothing send no claim statement (a look is a plain read).
+            self.stats.looks.fetch_add(1, Ordering::Relaxed);
+            if pending_candidates(self.db(), self.run_id, 1)
+                .await?
+                .is_empty()
+            {
+                return Ok(Batch::Nothing);
+            }
+            candidates.drained = false;
+        }
+        let mut idle = self.with_handoff(|h| h.idle.clone()).unwrap_or_default();
+        idle.dedup();
+        let max = (idle.len() + 1).min(self.config().claim_batch);
+        let until = lease.expires_at(Utc::now());
+        self.stats.claims_tried.fetch_add(1, Ordering::Relaxed);
+        let claimed =
+            run_domain::batch::start_ready(self.db(), self.run_id, max, &lease.owner, until)
+                .instrument(tracing::debug_span!(
+                    "claim",
+                    run_id = %self.run_id,
+                    batch = max,
+                    worker = %lease.owner,
+                ))
+                .await;
+        let stories = match claimed {
+            Ok(stories) => stories,
+            Err(e) if run_domain::Retryable::is_transient(&e) => {
+                // The claim may have committed with its answer lost: what it wrote carries this
+                // worker's id and this lease's expiry.
+                let (found, _) = self
+                    .retrying("looking for a claim whose answer was lost", || {
+                        run_domain::batch::started_by(self.db(), self.run_id, &lease.owner, until)
+                    })
+                    .await;
+                match found {
+                    Ok(found) if !found.is_empty() => {
+                        self.stats
+                            .recognised
+                            .fetch_add(found.len() as u64, Ordering::Relaxed);
+                        found
+                    }
+                    _ => return Err(EngineError::from(e)),
+                }
+            }
+            Err(e) => return Err(EngineError::from(e)),
+        };
+        candidates.drained = stories.len() < max;
+        let mut stories = stories.into_iter().map(|story| Claim {
+            story,
+            taken_over_from: None,
+        });
+        let mine = stories.next();
+        self.with_handoff(|h| {
+            let mut waiting = idle.iter().filter(|w| **w != n);
+            for claim in stories {
+                match waiting.next() {
+                    Some(w) => {
+                        h.idle.retain(|x| x != w);
+                        h.given.insert(*w, claim);
+                    }
+                    None => h.spare.push_back(claim),
+                }
+            }
+        });
+        drop(candidates);
+        Ok(match mine {
+            Some(claim) => Batch::Claimed(Box::new(claim)),
+            None => Batch::Nothing,
+        })
+    }
+    /// `f` on the hand-over state (`None` if a worker panicked holding it).
+    fn with_handoff<T>(&self, f: impl FnOnce(&mut Handoff) -> T) -> Option<T> {
+        self.handoff.lock().ok().map(|mut h| f(&mut h))
+    }
+    /// Gives back a story claimed for a worker that is stopping before it started it.
+    async fn give_back_unstarted(&self, claim: Claim) {
+        let (given, _) = self
+            .retrying("giving back a story not started", || {
+                crate::lease::give_back(self.db(), &claim.story)
+            })
+            .await;
+        if given.is_ok() {
+            self.stats.given_back.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    /// Gives back the stories claimed for workers that stopped before taking them (called once
+    /// every worker has returned).
+    pub(super) async fn give_back_spare(&self) {
+        let left: Vec<Claim> = self
+            .with_handoff(|h| {
+                let mut left: Vec<Claim> = h.spare.drain(..).collect();
+                left.extend(h.given.drain().map(|(_, c)| c));
+                left
+            })
+            .unwrap_or_default();
+        for claim in left {
+            self.give_back_unstarted(claim).await;
+        }
     }
     /// The next story to try, from this process's queue, refilled from the database when
     /// empty (and with expired leases every [`EXPIRY_CHECK_EVERY`]); `None` when nothing is
@@ -348,12 +500,35 @@ pub(super) fn shuffle_within_priority(stories: &mut [run_story::Model]) {
     }
 }
 
+/// What a batched claim did for a worker.
+enum Batch {
+    /// A story for this worker.
+    Claimed(Box<Claim>),
+    /// Nothing may start now.
+    Nothing,
+    /// Look the one-at-a-time way (expired leases are due a look, or stories are queued).
+    OneByOne,
+}
+
+/// Stories one worker claimed for others of its process, and who is waiting for one.
+#[derive(Default)]
+pub(super) struct Handoff {
+    /// Workers waiting for a claimer to finish, in arrival order.
+    pub(super) idle: Vec<usize>,
+    /// Stories claimed for a waiting worker, by worker.
+    pub(super) given: std::collections::HashMap<usize, Claim>,
+    /// Stories claimed for a worker that had found one already: the next worker takes it.
+    pub(super) spare: VecDeque<Claim>,
+}
+
 /// This process's queue of stories to try to claim, highest priority first.
 #[derive(Default)]
 pub(super) struct Candidates {
     pub(super) queue: VecDeque<run_story::Model>,
     /// When running stories were last looked at for expired leases.
     pub(super) last_expiry_check: Option<Instant>,
+    /// The last batched claim took fewer stories than it asked for: the next one looks first.
+    pub(super) drained: bool,
 }
 
 impl Candidates {

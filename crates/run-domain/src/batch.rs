@@ -1,0 +1,276 @@
+//! Many stories per statement: starting the ready stories of a run in one claim, and recording
+//! many completions in one write, each row under its own version check.
+//!
+//! These are the batched forms of [`crate::transition_with`] for the two transitions every
+//! story goes through, for stories that hold no limit (a story holding limits takes and frees
+//! slots in its own transition; [`start_ready`] never picks one, and [`complete_running`]
+//! refuses one). They change the status column, which is otherwise reserved to
+//! [`crate::transition`]: they write exactly what it writes for the same transitions (status,
+//! `started_at` or `finished_at`, the version moved on, `updated_at`).
+//!
+//! - **[`start_ready`]**: picks up to `max` pending stories of a run that may start now (no
+//!   unmet need, retry delay passed, no limit; highest priority first, then position) and
+//!   starts them for one lease owner. A row is written only if it is still pending at the
+//!   version the pick read, with its needs met and its run not paused: the same conditions a
+//!   single start's compare-and-swap carries.
+//!   - PostgreSQL: one statement, `UPDATE ... WHERE (id, version) IN (SELECT id, version ...
+//!     FOR UPDATE SKIP LOCKED) RETURNING *`: rows another process is claiming are skipped, not
+//!     waited for, so processes spread over the ready stories instead of colliding.
+//!   - SQLite: the same statement (one writer at a time, so nobody else claims in between).
+//!   - MariaDB (no `UPDATE ... RETURNING`): one transaction, a `SELECT ... FOR UPDATE SKIP
+//!     LOCKED` of the picks, the `UPDATE` on their ids and versions, and a read of the rows
+//!     written: three statements.
+//! - **[`complete_running`]**: completes many running stories, each matched on its own id and
+//!   the version its holder last wrote (`WHERE (id = ? AND version = ?) OR ...`). A row whose
+//!   version moved on (taken over, cancelled, renewed by an answer its holder lost) is left
+//!   alone and simply not returned: its holder learns of it as it would from a single
+//!   compare-and-swap. PostgreSQL and SQLite: one statement with `RETURNING`; MariaDB: one
+//!   transaction (a locking read of the rows, the `UPDATE`, a read back).
+//!
+//! A batch that fails with a transient error may have committed with its answer lost:
+//! [`started_by`] finds what a lost start wrote (the owner and lease expiry are the
+//! statement's own); a lost completion is recognised row by row as a single one is.
+
+use crate::error::ConcurrencyError;
+use crate::lifecycle::{Lifecycle, StoryStatus};
+use crate::schedule::{delay_passed, run_not_paused};
+use chrono::{DateTime, Utc};
+use entity::run_story;
+use sea_orm::sea_query::{Expr, ExprTrait, LockBehavior, LockType, Query};
+use sea_orm::{
+    ColumnTrait, Condition, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, TransactionSession, TransactionTrait,
+};
+use uuid::Uuid;
+
+/// The most rows one batched statement writes.
+pub const MAX_BATCH: usize = 256;
+
+/// Starts up to `max` (at most [`MAX_BATCH`]) ready stories of `run_id` that hold no limit,
+/// highest priority first, leased to `owner` until `lease_until`, each with one more attempt.
+/// Returns the stories as written (running); empty when none may start now.
+///
+/// ```no_run
+/// use run_domain::batch::start_ready;
+/// # async fn demo(db: &sea_orm::DatabaseConnection, run_id: uuid::Uuid) -> Result<(), run_domain::ConcurrencyError> {
+/// let until = chrono::Utc::now() + chrono::Duration::seconds(30);
+/// for story in start_ready(db, run_id, 16, "host-1-0", until).await? {
+///     println!("{} is ours (attempt {})", story.key, story.attempts);
+/// }
+/// # Ok(()) }
+/// ```
+pub async fn start_ready<C>(
+    db: &C,
+    run_id: Uuid,
+    max: usize,
+    owner: &str,
+    lease_until: DateTime<Utc>,
+) -> Result<Vec<run_story::Model>, ConcurrencyError>
+where
+    C: ConnectionTrait + TransactionTrait,
+{
+    let max = max.clamp(1, MAX_BATCH);
+    let now = Utc::now();
+    let now_ms = now.timestamp_millis();
+    let ready = |q: &mut sea_orm::sea_query::SelectStatement| {
+        q.from(run_story::Entity)
+            .and_where(Expr::col(run_story::Column::RunId).eq(run_id))
+            .and_where(Expr::col(run_story::Column::Status).eq(StoryStatus::Pending.as_str()))
+            .and_where(Expr::col(run_story::Column::UnmetNeeds).eq(0))
+            .and_where(Expr::col(run_story::Column::LimitKeys).is_null())
+            .and_where(delay_passed(now_ms))
+            .order_by(run_story::Column::Priority, sea_orm::Order::Desc)
+            .order_by(run_story::Column::Position, sea_orm::Order::Asc)
+            .order_by(run_story::Column::Id, sea_orm::Order::Asc)
+            .limit(max as u64)
+            .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
+    };
+    let update = |matching: Condition| {
+        run_story::Entity::update_many()
+            .col_expr(
+                run_story::Column::Status,
+                Expr::val(StoryStatus::Running.as_str()),
+            )
+            .col_expr(
+                run_story::Column::Version,
+                Expr::col(run_story::Column::Version).add(1),
+            )
+            .col_expr(run_story::Column::UpdatedAt, Expr::val(now))
+            .col_expr(run_story::Column::StartedAt, Expr::val(now))
+            .col_expr(run_story::Column::LeaseOwner, Expr::val(owner))
+            .col_expr(run_story::Column::LeaseExpiresAt, Expr::val(lease_until))
+            .col_expr(
+                run_story::Column::Attempts,
+                Expr::col(run_story::Column::Attempts).add(1),
+            )
+            .filter(matching)
+            // SAFETY(start): the conditions of a single start's compare-and-swap, in the
+            // statement that writes (see `crate::schedule::story_start_guards`).
+            .filter(run_story::Column::Status.eq(StoryStatus::Pending.as_str()))
+            .filter(run_story::Column::UnmetNeeds.eq(0))
+            .filter(run_story::Column::LimitKeys.is_null())
+            .filter(delay_passed(now_ms))
+            .filter(run_not_paused())
+    };
+    if db.get_database_backend() != DbBackend::MySql {
+        let mut picked = Query::select();
+        picked
+            .column(run_story::Column::Id)
+            .column(run_story::Column::Version);
+        ready(&mut picked);
+        // SAFETY(claim): each row is matched on the id and version the pick read, under the
+        // row lock the pick took (PostgreSQL; SQLite has one writer at a time), so a row
+        // changed by anyone since is not written.
+        let matching = Expr::tuple([
+            Expr::col(run_story::Column::Id),
+            Expr::col(run_story::Column::Version),
+        ])
+        .in_subquery(picked.to_owned());
+        return Ok(update(Condition::all().add(matching))
+            .exec_with_returning(db)
+            .await?);
+    }
+    let tx = db.begin().await?;
+    let mut picked = Query::select();
+    picked
+        .column(run_story::Column::Id)
+        .column(run_story::Column::Version);
+    ready(&mut picked);
+    let rows = tx.query_all(&picked).await?;
+    let mut pairs = Vec::with_capacity(rows.len());
+    for row in rows {
+        let id: Uuid = row.try_get("", "id")?;
+        let version: i32 = row.try_get("", "version")?;
+        pairs.push((id, version));
+    }
+    if pairs.is_empty() {
+        tx.commit().await?;
+        return Ok(Vec::new());
+    }
+    update(id_and_version_in(&pairs)).exec(&tx).await?;
+    let ids: Vec<Uuid> = pairs.iter().map(|(id, _)| *id).collect();
+    let written = run_story::Entity::find()
+        .filter(run_story::Column::Id.is_in(ids))
+        .order_by_desc(run_story::Column::Priority)
+        .order_by_asc(run_story::Column::Position)
+        .all(&tx)
+        .await?;
+    tx.commit().await?;
+    // The rows are locked by this transaction from the pick on: those written are the ones
+    // now running under this lease at the next version.
+    Ok(written
+        .into_iter()
+        .filter(|s| {
+            s.status == StoryStatus::Running.as_str()
+                && s.lease_owner.as_deref() == Some(owner)
+                && pairs
+                    .iter()
+                    .any(|(id, v)| *id == s.id && s.version == v + 1)
+        })
+        .collect())
+}
+
+/// The stories of `run_id` that a [`start_ready`] for `owner` and `lease_until` wrote and
+/// that are still as it left them: what a start whose answer was lost committed.
+pub async fn started_by<C: ConnectionTrait>(
+    db: &C,
+    run_id: Uuid,
+    owner: &str,
+    lease_until: DateTime<Utc>,
+) -> Result<Vec<run_story::Model>, ConcurrencyError> {
+    Ok(run_story::Entity::find()
+        .filter(run_story::Column::RunId.eq(run_id))
+        .filter(run_story::Column::Status.eq(StoryStatus::Running.as_str()))
+        .filter(run_story::Column::LeaseOwner.eq(owner))
+        .filter(run_story::Column::LeaseExpiresAt.eq(lease_until))
+        .all(db)
+        .await?)
+}
+
+/// Completes the running stories `held` (each as its holder last wrote it, holding no limit)
+/// in one write, each matched on its id and version. Returns the stories written (completed,
+/// lease expiry and error cleared); a story missing from the answer was not written (its
+/// version moved on, or it holds a limit and was not tried). A story others need is
+/// completed here like any other: the caller marks its needs met afterwards
+/// ([`crate::mark_met`], [`crate::let_go`]).
+pub async fn complete_running<C>(
+    db: &C,
+    held: &[run_story::Model],
+) -> Result<Vec<run_story::Model>, ConcurrencyError>
+where
+    C: ConnectionTrait + TransactionTrait,
+{
+    let pairs: Vec<(Uuid, i32)> = held
+        .iter()
+        .filter(|s| s.limit_keys.is_none() && s.status == StoryStatus::Running.as_str())
+        .map(|s| (s.id, s.version))
+        .take(MAX_BATCH)
+        .collect();
+    if pairs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let now = Utc::now();
+    let update = run_story::Entity::update_many()
+        .col_expr(
+            run_story::Column::Status,
+            Expr::val(StoryStatus::Completed.as_str()),
+        )
+        .col_expr(
+            run_story::Column::Version,
+            Expr::col(run_story::Column::Version).add(1),
+        )
+        .col_expr(run_story::Column::UpdatedAt, Expr::val(now))
+        .col_expr(run_story::Column::FinishedAt, Expr::val(now))
+        .col_expr(
+            run_story::Column::LeaseExpiresAt,
+            Expr::val(None::<DateTime<Utc>>),
+        )
+        .col_expr(run_story::Column::Error, Expr::val(None::<String>))
+        // SAFETY(fencing): each row on its own id and version: a story taken over since its
+        // holder's last renewal has moved on and is not written.
+        .filter(id_and_version_in(&pairs))
+        .filter(run_story::Column::Status.eq(StoryStatus::Running.as_str()))
+        .filter(run_story::Column::LimitKeys.is_null());
+    if db.get_database_backend() != DbBackend::MySql {
+        return Ok(update.exec_with_returning(db).await?);
+    }
+    let ids: Vec<Uuid> = pairs.iter().map(|(id, _)| *id).collect();
+    let tx = db.begin().await?;
+    // A current, locking read: which rows are at the version their holders know.
+    let current = run_story::Entity::find()
+        .filter(run_story::Column::Id.is_in(ids.clone()))
+        .lock_exclusive()
+        .all(&tx)
+        .await?;
+    let matched: Vec<(Uuid, i32)> = pairs
+        .iter()
+        .copied()
+        .filter(|(id, v)| {
+            current.iter().any(|s| {
+                s.id == *id && s.version == *v && s.status == StoryStatus::Running.as_str()
+            })
+        })
+        .collect();
+    if matched.is_empty() {
+        tx.commit().await?;
+        return Ok(Vec::new());
+    }
+    update.filter(id_and_version_in(&matched)).exec(&tx).await?;
+    let written = run_story::Entity::find()
+        .filter(run_story::Column::Id.is_in(matched.iter().map(|(id, _)| *id)))
+        .all(&tx)
+        .await?;
+    tx.commit().await?;
+    Ok(written)
+}
+
+/// `(id = ? AND version = ?) OR ...` over `pairs`.
+fn id_and_version_in(pairs: &[(Uuid, i32)]) -> Condition {
+    pairs.iter().fold(Condition::any(), |any, (id, version)| {
+        any.add(
+            Condition::all()
+                .add(run_story::Column::Id.eq(*id))
+                .add(run_story::Column::Version.eq(*version)),
+        )
+    })
+}
