@@ -1,16 +1,26 @@
-//! Executor throughput on PostgreSQL, against a `FOR UPDATE SKIP LOCKED` claim loop.
+//! Executor throughput on PostgreSQL, against a `FOR UPDATE SKIP LOCKED` claim loop and, with
+//! `--peers`, real job queues (graphile-worker, pgqueuer) on the same server in the same run.
 //!
 //! **Ours**: `run_engine::Executor` with an in-process no-op handler, 1, 4 and 16 workers, on a
-//! run of no-op stories: every story is claimed with a lease by compare-and-swap, its lease is
-//! held while the (empty) handler runs, and its result recorded by compare-and-swap, then the
-//! epic and run are completed. **Baseline**: the job-queue idiom (Oban, River, pg-boss), in plain
-//! SQL on one connection per worker: claim with `WITH c AS (SELECT ... FOR UPDATE SKIP LOCKED
-//! LIMIT 1) UPDATE ... RETURNING`, then complete with a second UPDATE — two statements a story.
-//! Both run on a fresh run of the same size in the same bench database, taking turns.
+//! run of no-op stories: stories are claimed with a lease in batches (one statement for the
+//! idle workers of the process), their leases held while the (empty) handlers run, their
+//! results recorded in batches (each row on its own version), then the epic and run are
+//! completed; and the same executor claiming and recording one story per statement
+//! (`claim_batch(1)`), as it did before batching. **Processes**: 1, 2 and 4 processes of 4
+//! workers each on one run (each a child process of this binary). **Baseline**: the job-queue
+//! idiom (Oban, River, pg-boss), in plain SQL on one connection per worker: claim with `WITH c
+//! AS (SELECT ... FOR UPDATE SKIP LOCKED LIMIT 1) UPDATE ... RETURNING`, then complete with a
+//! second UPDATE: two statements a story. **Peers**: graphile-worker with its perf test's
+//! settings (a local queue of 500, batched completion) and with its defaults, and pgqueuer,
+//! each draining the same number of no-op jobs made before the clock starts, each on a fresh
+//! database. Everything runs on fresh runs of the same size, taking turns.
 
-use crate::bench_db::{Backend, BenchDb, Servers, close_all};
-use crate::measure::{Profile, median};
-use crate::report::{Bound, Goal, Section, Table, fmt_rate};
+use crate::bench_db::{Availability, Backend, BenchDb, Servers, close_all};
+use crate::measure::{Profile, Summary, median};
+use crate::memory::spawn_executor;
+use crate::peers::{Peer, Peers};
+use crate::plot::{Chart, Scale, Series};
+use crate::report::{Bound, Goal, Section, Table, fmt_count, fmt_rate};
 use async_trait::async_trait;
 use run_engine::{Executor, ExecutorConfig, StoryContext, StoryHandler, StoryOutcome};
 use run_engine_tests::RunFactory;
@@ -35,21 +45,49 @@ impl StoryHandler for NoOp {
     }
 }
 
-/// One cell: stories per second, ours and baseline, median over the repeats.
+/// Processes (of [`WORKERS_PER_PROCESS`] workers each) measured.
+pub const PROCESSES: [usize; 3] = [1, 2, 4];
+
+/// Workers in each process of the processes cells.
+pub const WORKERS_PER_PROCESS: usize = 4;
+
+/// One workers cell: stories (or jobs) per second per repeat.
 #[derive(Debug, Clone)]
 pub struct Cell {
     /// Workers.
     pub workers: usize,
-    /// Ours, stories/s per repeat.
+    /// Ours, batched claims and completions.
     pub ours: Vec<f64>,
-    /// Baseline, stories/s per repeat.
+    /// Ours, one story per statement (`claim_batch(1)`).
+    pub one_by_one: Vec<f64>,
+    /// The SKIP LOCKED loop.
     pub baseline: Vec<f64>,
+    /// Claim statements per story, ours (batched).
+    pub claims_per_story: Vec<f64>,
+    /// Each peer measured, with its rates (empty when skipped).
+    pub peers: Vec<(Peer, Vec<f64>)>,
+}
+
+/// One processes cell.
+#[derive(Debug, Clone)]
+pub struct ProcCell {
+    /// Processes of [`WORKERS_PER_PROCESS`] workers.
+    pub processes: usize,
+    /// Ours, stories/s per repeat (first child start to last child exit).
+    pub ours: Vec<f64>,
+    /// The SKIP LOCKED loop with as many connections as ours has workers, stories/s.
+    pub baseline: Vec<f64>,
+    /// Claims another process won first, per story, ours.
+    pub conflicts_per_story: Vec<f64>,
+    /// PostgreSQL's CPU time over the wall time of ours, as a share of the machine's cores.
+    pub db_cpu_share: Vec<f64>,
 }
 
 /// The result of the scenario.
 pub struct ExecutorResult {
-    cells: Result<Vec<Cell>, String>,
+    measured: Result<(Vec<Cell>, Vec<ProcCell>), String>,
     stories: usize,
+    peers_note: Option<String>,
 }
 
 /// Creates a run of one epic with `stories` no-op stories (no command, one attempt each);
@@ -64,12 +102,20 @@ pub async fn new_run(db: &DatabaseConnection, stories: usize) -> anyhow::Result<
     Ok(run.id())
 }
 
-async fn ours(bench: &BenchDb, workers: usize, stories: usize) -> anyhow::Result<f64> {
+/// Ours in this process: stories/s and claim statements per story.
+async fn ours(
+    bench: &BenchDb,
+    workers: usize,
+    stories: usize,
+    batch: usize,
+) -> anyhow::Result<(f64, f64)> {
     let run_id = new_run(&bench.db, stories).await?;
     let executor = Executor::new(
         bench.db.clone(),
         NoOp,
-        ExecutorConfig::default().workers(workers),
+        ExecutorConfig::default()
+            .workers(workers)
+            .claim_batch(batch),
     );
     let started = Instant::now();
     let summary = executor.execute(run_id).await?;
@@ -78,7 +124,123 @@ async fn ours(bench: &BenchDb, workers: usize, stories: usize) -> anyhow::Result
         summary.run_status == "completed",
         "run did not complete: {summary}"
     );
-    Ok(stories as f64 / took)
+    Ok((
+        stories as f64 / took,
+        summary.claims_tried as f64 / stories as f64,
+    ))
+}
+
+/// Ours in `processes` child processes of [`WORKERS_PER_PROCESS`] workers on one run:
+/// stories/s, conflicts per story, and PostgreSQL's share of the machine's CPU meanwhile.
+async fn ours_in_processes(
+    bench: &BenchDb,
+    processes: usize,
+    stories: usize,
+) -> anyhow::Result<(f64, f64, f64)> {
+    let run_id = new_run(&bench.db, stories).await?;
+    let cpu = PgCpu::start();
+    let started = Instant::now();
+    let children: Vec<_> = (0..processes)
+        .map(|_| {
+            let url = bench.url.clone();
+            tokio::spawn(async move { spawn_executor(&url, run_id, WORKERS_PER_PROCESS).await })
+        })
+        .collect();
+    let mut recorded = 0;
+    let mut conflicts = 0;
+    for child in children {
+        let probe = child.await??;
+        recorded += probe.stories;
+        conflicts += probe.conflicts;
+    }
+    let took = started.elapsed().as_secs_f64();
+    let cpu = cpu.stop().await;
+    anyhow::ensure!(
+        recorded == stories as u64,
+        "{processes} processes recorded {recorded} of {stories} stories"
+    );
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    Ok((
+        stories as f64 / took,
+        conflicts as f64 / stories as f64,
+        cpu / (took * cores),
+    ))
+}
+
+/// Samples the CPU time of this machine's `postgres` processes while a measurement runs:
+/// every 50 ms, so that the backends of connections opened and closed meanwhile count too (up
+/// to their last sample).
+struct PgCpu {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<f64>,
+}
+
+impl PgCpu {
+    fn start() -> PgCpu {
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let first = postgres_ticks();
+            let mut last = first.clone();
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => break,
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+                last.extend(postgres_ticks());
+            }
+            last.extend(postgres_ticks());
+            let ticks: u64 = last
+                .iter()
+                .map(|(pid, t)| t.saturating_sub(first.get(pid).copied().unwrap_or(0)))
+                .sum();
+            // Linux reports in USER_HZ, 100 on every common configuration.
+            ticks as f64 / 100.0
+        });
+        PgCpu { stop, task }
+    }
+
+    /// CPU seconds the `postgres` processes used since [`PgCpu::start`].
+    async fn stop(self) -> f64 {
+        let _ = self.stop.send(());
+        self.task.await.unwrap_or(0.0)
+    }
+}
+
+/// CPU ticks (user and system) used so far by each of this machine's `postgres` processes
+/// (none where `/proc` cannot tell).
+fn postgres_ticks() -> std::collections::HashMap<u32, u64> {
+    let mut out = std::collections::HashMap::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ...: utime and stime are fields 14 and 15; comm may hold spaces.
+        let Some((comm, rest)) = stat.split_once(") ") else {
+            continue;
+        };
+        if !comm.ends_with("(postgres") {
+            continue;
+        }
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let field = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        out.insert(pid, field(11) + field(12));
+    }
+    out
 }
 
 const CLAIM: &str = "WITH c AS (SELECT id FROM run_story WHERE run_id = $1 AND status = 'pending' \
@@ -131,10 +293,36 @@ async fn baseline(bench: &BenchDb, workers: usize, stories: usize) -> anyhow::Re
     Ok(stories as f64 / took)
 }
 
-/// Runs the scenario on PostgreSQL.
-pub async fn run(servers: &Servers, profile: &Profile) -> ExecutorResult {
-    let stories = if profile.quick { 400 } else { 2000 };
-    let repeats = if profile.quick { 1 } else { 3 };
+/// A peer draining `jobs` at `workers` on a fresh database of its own.
+async fn peer(
+    servers: &Servers,
+    peers: &Peers,
+    peer: Peer,
+    workers: usize,
+    jobs: usize,
+) -> anyhow::Result<f64> {
+    let Availability::Ready { admin_url, .. } = servers.availability(Backend::Postgres) else {
+        anyhow::bail!("PostgreSQL not available");
+    };
+    let fresh = BenchDb::create(Backend::Postgres, admin_url).await?;
+    let rate = peers.drain(peer, &fresh.url, workers, jobs).await;
+    fresh.destroy().await;
+    rate
+}
+
+/// Runs the scenario on PostgreSQL; `peers`: the installed peers, for `--peers`.
+pub async fn run(servers: &Servers, profile: &Profile, peers: Option<&Peers>) -> ExecutorResult {
+    let stories = if profile.quick { 2_000 } else { 10_000 };
+    // One story per statement is slow at one worker: fewer stories (a rate is a rate).
+    let one_by_one_stories = stories / 5;
+    let repeats = if profile.quick { 1 } else { 2 };
+    let peers_note = peers.map(|p| {
+        Peer::ALL
+            .iter()
+            .filter_map(|&peer| p.available(peer).err())
+            .collect::<Vec<_>>()
+            .join("; ")
+    });
     let measured = servers
         .measure(Backend::Postgres, async |bench: &BenchDb| {
             let mut cells = Vec::new();
@@ -142,76 +330,311 @@ pub async fn run(servers: &Servers, profile: &Profile) -> ExecutorResult {
                 let mut cell = Cell {
                     workers,
                     ours: Vec::new(),
+                    one_by_one: Vec::new(),
                     baseline: Vec::new(),
+                    claims_per_story: Vec::new(),
+                    peers: Vec::new(),
                 };
+                let available: Vec<Peer> = peers
+                    .map(|p| {
+                        Peer::ALL
+                            .into_iter()
+                            .filter(|&peer| p.available(peer).is_ok())
+                            .collect()
+                    })
+                    .unwrap_or_default();
                 for _ in 0..repeats {
                     cell.baseline.push(baseline(bench, workers, stories).await?);
-                    cell.ours.push(ours(bench, workers, stories).await?);
+                    let (rate, claims) = ours(bench, workers, stories, 32).await?;
+                    cell.ours.push(rate);
+                    cell.claims_per_story.push(claims);
+                    let (rate, _) = ours(bench, workers, one_by_one_stories, 1).await?;
+                    cell.one_by_one.push(rate);
+                    if let Some(p) = peers {
+                        for &which in &available {
+                            let rate = peer(servers, p, which, workers, stories).await?;
+                            match cell.peers.iter_mut().find(|(q, _)| *q == which) {
+                                Some((_, rates)) => rates.push(rate),
+                                None => cell.peers.push((which, vec![rate])),
+                            }
+                        }
+                    }
                     // Let the server settle between the two (autovacuum, checkpoints).
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
                 cells.push(cell);
             }
-            Ok(cells)
+            let mut procs = Vec::new();
+            for processes in PROCESSES {
+                let mut cell = ProcCell {
+                    processes,
+                    ours: Vec::new(),
+                    baseline: Vec::new(),
+                    conflicts_per_story: Vec::new(),
+                    db_cpu_share: Vec::new(),
+                };
+                for _ in 0..repeats {
+                    let total = processes * WORKERS_PER_PROCESS;
+                    cell.baseline.push(baseline(bench, total, stories).await?);
+                    let (rate, conflicts, cpu) =
+                        ours_in_processes(bench, processes, stories).await?;
+                    cell.ours.push(rate);
+                    cell.conflicts_per_story.push(conflicts);
+                    cell.db_cpu_share.push(cpu);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                procs.push(cell);
+            }
+            Ok((cells, procs))
         })
         .await;
-    let cells = match (measured.done(), measured.missing()) {
+    let measured = match (measured.done(), measured.missing()) {
         (Some(c), _) => Ok(c.clone()),
         (None, Some(why)) => Err(why),
         (None, None) => Err(PENDING.to_owned()),
     };
-    ExecutorResult { cells, stories }
+    ExecutorResult {
+        measured,
+        stories,
+        peers_note,
+    }
+}
+
+fn ratio(a: &[f64], b: &[f64]) -> f64 {
+    median(a) / median(b).max(f64::MIN_POSITIVE)
+}
+
+impl Cell {
+    fn peer(&self, peer: Peer) -> Option<&[f64]> {
+        self.peers
+            .iter()
+            .find(|(p, _)| *p == peer)
+            .map(|(_, r)| r.as_slice())
+    }
 }
 
 impl ExecutorResult {
-    /// The goals: ours at least 0.8 of the SKIP LOCKED loop.
+    /// The goals: ours at least graphile-worker with batching (when measured) at every worker
+    /// count, at least 3 times the SKIP LOCKED loop at 16 workers, 2 and 4 processes at least
+    /// 1.6 and 2.5 times 1, and claim conflicts under 0.1 per story.
     pub fn goals(&self) -> Vec<Goal> {
-        let Ok(cells) = &self.cells else {
+        let Ok((cells, procs)) = &self.measured else {
             return Vec::new();
         };
-        cells
-            .iter()
-            .map(|c| Goal {
+        let mut goals = Vec::new();
+        for c in cells {
+            if let Some(g) = c.peer(Peer::GraphileBatched) {
+                goals.push(Goal {
+                    what: "executor throughput: ours / graphile-worker (batched)".into(),
+                    context: format!("PostgreSQL, {} worker(s)", c.workers),
+                    measured: ratio(&c.ours, g),
+                    bound: Bound::AtLeast(1.0),
+                });
+            }
+        }
+        if let Some(c) = cells.iter().find(|c| c.workers == 16) {
+            goals.push(Goal {
                 what: "executor throughput: ours / SKIP LOCKED loop".into(),
-                context: format!("PostgreSQL, {} worker(s)", c.workers),
-                measured: median(&c.ours) / median(&c.baseline).max(f64::MIN_POSITIVE),
-                bound: Bound::AtLeast(0.8),
-            })
-            .collect()
+                context: "PostgreSQL, 16 workers".into(),
+                measured: ratio(&c.ours, &c.baseline),
+                bound: Bound::AtLeast(3.0),
+            });
+        }
+        if let Some(one) = procs.iter().find(|p| p.processes == 1) {
+            for (n, want) in [(2, 1.6), (4, 2.5)] {
+                if let Some(p) = procs.iter().find(|p| p.processes == n) {
+                    goals.push(Goal {
+                        what: format!("executor: {n} processes / 1 process"),
+                        context: format!("PostgreSQL, {WORKERS_PER_PROCESS} workers each"),
+                        measured: ratio(&p.ours, &one.ours),
+                        bound: Bound::AtLeast(want),
+                    });
+                }
+            }
+        }
+        for p in procs {
+            goals.push(Goal {
+                what: "executor: claim conflicts per story".into(),
+                context: format!("PostgreSQL, {} process(es)", p.processes),
+                measured: median(&p.conflicts_per_story),
+                bound: Bound::AtMost(0.1),
+            });
+        }
+        goals
+    }
+
+    /// The chart of stories (jobs) per second against workers.
+    pub fn chart(&self) -> Option<Chart> {
+        let (cells, _) = self.measured.as_ref().ok()?;
+        let points = |f: &dyn Fn(&Cell) -> Option<Vec<f64>>| -> Vec<Option<Summary>> {
+            cells
+                .iter()
+                .map(|c| f(c).filter(|v| !v.is_empty()).map(|v| Summary::of(&v)))
+                .collect()
+        };
+        let mut series = vec![
+            Series {
+                name: "ours (batched)".into(),
+                color: "#d62728",
+                dashed: false,
+                points: points(&|c| Some(c.ours.clone())),
+            },
+            Series {
+                name: "ours, one story per statement".into(),
+                color: "#ff9896",
+                dashed: false,
+                points: points(&|c| Some(c.one_by_one.clone())),
+            },
+            Series {
+                name: "SKIP LOCKED loop".into(),
+                color: "#7f7f7f",
+                dashed: true,
+                points: points(&|c| Some(c.baseline.clone())),
+            },
+        ];
+        for (peer, color) in [
+            (Peer::GraphileBatched, "#1f77b4"),
+            (Peer::GraphileDefault, "#aec7e8"),
+            (Peer::Pgqueuer, "#2ca02c"),
+        ] {
+            if cells.iter().any(|c| c.peer(peer).is_some()) {
+                series.push(Series {
+                    name: peer.name().into(),
+                    color,
+                    dashed: true,
+                    points: points(&|c| c.peer(peer).map(<[f64]>::to_vec)),
+                });
+            }
+        }
+        Some(Chart {
+            title: "PostgreSQL, no-op stories (jobs)".into(),
+            x_label: "workers".into(),
+            y_label: "finished per second".into(),
+            categories: cells.iter().map(|c| c.workers.to_string()).collect(),
+            scale: Scale::Linear,
+            format_y: fmt_count,
+            series,
+        })
     }
 
     /// The report section.
     pub fn section(&self) -> Section {
         let mut body = format!(
-            "No-op stories, {} per run, on PostgreSQL. **Ours**: `run_engine::Executor` with an \
-             in-process handler that returns at once (claim with a lease by compare-and-swap, \
-             record by compare-and-swap, epic and run completion, a \"started\" and a \
-             \"completed\" log line for each story). \
-             **Baseline**: a claim loop in plain SQL, one connection per worker: \
+            "No-op stories (jobs), {} per run, on PostgreSQL, median of the repeats (range in \
+             brackets where it matters). **Ours**: `run_engine::Executor` with an in-process \
+             handler that returns at once: a worker that finds nothing to run claims, in one \
+             statement (`UPDATE ... WHERE (id, version) IN (SELECT ... FOR UPDATE SKIP LOCKED) \
+             RETURNING`), a story for itself and one for each idle worker of its process; results \
+             finishing at once are recorded in one statement, each row on its own version; the \
+             epic and run are completed; a \"started\" and a \"completed\" log line for each \
+             story. **One story per statement**: the same executor with `claim_batch(1)` ({} \
+             stories per run). **SKIP LOCKED loop**: plain SQL, one connection per worker: \
              `WITH c AS (SELECT ... FOR UPDATE SKIP LOCKED LIMIT 1) UPDATE ... RETURNING`, then \
-             an UPDATE to complete — two statements a story. Stories finished per second, median \
-             of the repeats.\n\n",
-            self.stories
+             an UPDATE by id: two statements a job, no fencing.\n\n",
+            self.stories,
+            self.stories / 5,
         );
-        match &self.cells {
-            Err(why) => body.push_str(&format!("Not measured: {why}\n")),
-            Ok(cells) => {
-                let mut table =
-                    Table::new(&["workers", "ours", "SKIP LOCKED loop", "ours / baseline"]);
-                for c in cells {
-                    let (o, b) = (median(&c.ours), median(&c.baseline));
-                    table.row(vec![
-                        c.workers.to_string(),
-                        fmt_rate(o),
-                        fmt_rate(b),
-                        format!("{:.2}×", o / b.max(f64::MIN_POSITIVE)),
-                    ]);
-                }
-                body.push_str(&table.to_markdown());
-                body.push('\n');
-                body.push_str(&gap_and_cause(cells));
+        match &self.peers_note {
+            None => body.push_str(
+                "Peers (graphile-worker, pgqueuer) not measured: run with `--peers`.\n\n",
+            ),
+            Some(note) if !note.is_empty() => {
+                body.push_str(&format!("Peers skipped: {note}.\n\n"));
             }
+            Some(_) => body.push_str(&format!(
+                "**Peers**, installed by `--peers` into a scratch folder, each on a fresh \
+                 database, the jobs made before the clock starts: graphile-worker {} with its \
+                 perf test's settings (`localQueue` of 500, completions batched with no delay) \
+                 and with its defaults; pgqueuer {} (asyncpg). Workers are their concurrency \
+                 setting.\n\n",
+                crate::peers::GRAPHILE_WORKER_VERSION,
+                crate::peers::PGQUEUER_VERSION,
+            )),
         }
+        let (cells, procs) = match &self.measured {
+            Err(why) => {
+                body.push_str(&format!("Not measured: {why}\n"));
+                return Section {
+                    title: "5. Executor throughput".into(),
+                    body,
+                };
+            }
+            Ok(m) => m,
+        };
+        let mut header = vec![
+            "workers",
+            "ours",
+            "one per statement",
+            "SKIP LOCKED loop",
+            "ours / loop",
+            "claims per story",
+        ];
+        let measured_peers: Vec<Peer> = Peer::ALL
+            .into_iter()
+            .filter(|p| cells.iter().any(|c| c.peer(*p).is_some()))
+            .collect();
+        for p in &measured_peers {
+            header.push(p.name());
+        }
+        if measured_peers.contains(&Peer::GraphileBatched) {
+            header.push("ours / graphile (batched)");
+        }
+        let mut table = Table::new(&header);
+        for c in cells {
+            let mut row = vec![
+                c.workers.to_string(),
+                fmt_rate(median(&c.ours)),
+                fmt_rate(median(&c.one_by_one)),
+                fmt_rate(median(&c.baseline)),
+                format!("{:.2}×", ratio(&c.ours, &c.baseline)),
+                format!("{:.2}", median(&c.claims_per_story)),
+            ];
+            for p in &measured_peers {
+                row.push(c.peer(*p).map_or("n/a".into(), |r| fmt_rate(median(r))));
+            }
+            if measured_peers.contains(&Peer::GraphileBatched) {
+                row.push(
+                    c.peer(Peer::GraphileBatched)
+                        .map_or("n/a".into(), |g| format!("{:.2}×", ratio(&c.ours, g))),
+                );
+            }
+            table.row(row);
+        }
+        body.push_str(&table.to_markdown());
+        body.push_str(&format!(
+            "\n**Processes**: 1, 2 and 4 processes of {WORKERS_PER_PROCESS} workers each on one \
+             run of {} stories, each a child process of this binary (from the first start to \
+             the last exit, so each process's start-up and connection count); the SKIP LOCKED \
+             loop with as many connections as ours has workers. PostgreSQL's CPU share: its \
+             processes' CPU time over the wall time, as a share of this machine's cores.\n\n",
+            self.stories
+        ));
+        let mut table = Table::new(&[
+            "processes × workers",
+            "ours",
+            "vs 1 process",
+            "SKIP LOCKED loop",
+            "conflicts per story",
+            "PostgreSQL CPU share",
+        ]);
+        let one = procs
+            .iter()
+            .find(|p| p.processes == 1)
+            .map(|p| p.ours.clone());
+        for p in procs {
+            table.row(vec![
+                format!("{} × {WORKERS_PER_PROCESS}", p.processes),
+                fmt_rate(median(&p.ours)),
+                one.as_ref()
+                    .map_or("n/a".into(), |o| format!("{:.2}×", ratio(&p.ours, o))),
+                fmt_rate(median(&p.baseline)),
+                format!("{:.3}", median(&p.conflicts_per_story)),
+                format!("{:.0}%", 100.0 * median(&p.db_cpu_share)),
+            ]);
+        }
+        body.push_str(&table.to_markdown());
+        body.push('\n');
+        body.push_str(&gap_and_cause(cells, procs));
         Section {
             title: "5. Executor throughput".into(),
             body,
@@ -219,30 +642,48 @@ impl ExecutorResult {
     }
 }
 
-/// Where the gap to the baseline comes from, with the measured figures.
-fn gap_and_cause(cells: &[Cell]) -> String {
-    let ratio = |c: &Cell| median(&c.ours) / median(&c.baseline).max(f64::MIN_POSITIVE);
-    let (Some(first), Some(last)) = (cells.first(), cells.last()) else {
-        return String::new();
-    };
-    format!(
-        "Where the gap comes from: a story costs the executor three statements against the \
-         baseline's two: the claim and the result (each a compare-and-swap that returns the \
-         row), and one indexed look whether the story's epic has stories left, which is \
-         skipped while another worker of the process holds a story of that epic. Its log \
-         lines cost no wait: the workers share one writer that appends them in batches \
-         (group commit), and a story without output does not wait for them; the candidates \
-         are read 64 at a time into a queue the workers share. With {} worker(s) every \
-         statement waits for the one before and the epic look is never skipped, and ours \
-         reaches {:.2} of the baseline; with {} workers the looks are mostly skipped and the \
-         statements of different workers overlap, and ours reaches {:.2}. What is left is \
-         the cost of each statement in the client (sea-orm builds it and decodes the \
-         returned row). The baseline also buys its speed with safety: it completes by id \
-         alone, so a worker whose story was taken over after its lease ran out still \
-         records a result (it is not fenced off).\n",
-        first.workers,
-        ratio(first),
-        last.workers,
-        ratio(last),
-    )
+/// Where the gaps to the goals come from, with the measured figures.
+fn gap_and_cause(cells: &[Cell], procs: &[ProcCell]) -> String {
+    let mut out = String::from("Where the gaps come from: ");
+    if let (Some(first), Some(last)) = (cells.first(), cells.last()) {
+        out.push_str(&format!(
+            "with {} worker(s) ours sends {:.2} claim statements per story and reaches {:.2} of \
+             the SKIP LOCKED loop; with {} workers, {:.2} per story and {:.2} of the loop. \
+             A batch holds one story per idle worker, so one worker claims one story at a \
+             time, and every story still costs its own result (a batch of the results finishing \
+             at once), two log lines through the shared writer, a span and events, and \
+             the epic's look when no other worker of the process holds a story of the epic. ",
+            first.workers,
+            median(&first.claims_per_story),
+            ratio(&first.ours, &first.baseline),
+            last.workers,
+            median(&last.claims_per_story),
+            ratio(&last.ours, &last.baseline),
+        ));
+        if let Some(g) = first.peer(Peer::GraphileBatched) {
+            out.push_str(&format!(
+                "graphile-worker with its local queue claims up to 500 jobs per statement \
+                 whatever its concurrency and records completions in batches without waiting \
+                 for them, so at {} worker(s) it finishes {} jobs/s against our {}: its worker \
+                 hands a job over and moves on, where ours waits for its result to commit (an \
+                 answer only after the commit, and the next story only after that) and writes \
+                 its log lines. ",
+                first.workers,
+                fmt_count(median(g)),
+                fmt_count(median(&first.ours)),
+            ));
+        }
+    }
+    let share = |p: &ProcCell| median(&p.db_cpu_share);
+    if let Some(last) = procs.last() {
+        out.push_str(&format!(
+            "With {} processes PostgreSQL used {:.0}% of the machine's CPU, and the processes \
+             themselves share the same two cores, so more processes mostly add contention for \
+             the CPU rather than throughput on this machine.",
+            last.processes,
+            100.0 * share(last),
+        ));
+    }
+    out.push('\n');
+    out
 }

@@ -10,6 +10,8 @@
 //! - [`contention`]: compare-and-swap, retry and row locks under 1, 8 and 32 writers.
 //! - [`append_throughput`]: concurrent appends vs a plain INSERT loop.
 //! - [`executor`]: the executor's throughput vs a `FOR UPDATE SKIP LOCKED` claim loop.
+//! - [`peers`]: real job queues (graphile-worker, pgqueuer) draining no-op jobs on the same
+//!   PostgreSQL server, installed into a scratch folder with npm and pip.
 //! - [`memory`]: peak RSS of streaming a large log vs building it as one `String`, of
 //!   `run-engine logs --follow` on it, and of the executor on runs of two sizes.
 //! - [`report`]: tables, goals, the machine description and the markdown file.
@@ -24,6 +26,7 @@ pub mod measure;
 pub mod memory;
 pub mod observability;
 pub mod ordered;
+pub mod peers;
 pub mod plot;
 pub mod report;
 pub mod scheduling;

@@ -1,7 +1,7 @@
 //! `run-bench`: runs the benchmark suite and writes `BENCHMARKS.md` and its plots.
 //!
 //! ```text
-//! cargo run --release -p run-bench -- [--quick] [--out BENCHMARKS.md] [--only contention,...]
+//! cargo run --release -p run-bench -- [--quick] [--out BENCHMARKS.md] [--only contention,...] [--peers]
 //! ```
 //!
 //! Servers: `RUN_ENGINE_BENCH_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`)
@@ -24,6 +24,8 @@ use uuid::Uuid;
 
 /// The plot of append cost against log size, relative to the report's folder.
 const SIZE_PLOT: &str = "docs/bench-append-vs-size.svg";
+/// The plot of executor throughput against workers, relative to the report's folder.
+const EXECUTOR_PLOT: &str = "docs/bench-executor-vs-workers.svg";
 /// The plot of append throughput against writers, relative to the report's folder.
 const WRITERS_PLOT: &str = "docs/bench-append-vs-writers.svg";
 
@@ -42,6 +44,11 @@ struct Cli {
     /// Run only these scenarios (comma-separated); the report then holds only them.
     #[arg(long, value_delimiter = ',')]
     only: Vec<Scenario>,
+    /// Also measure graphile-worker (npm) and pgqueuer (PyPI) beside the executor, installed
+    /// into `target/run-bench-peers` (each skipped, with the reason, when its installer is
+    /// missing or fails).
+    #[arg(long)]
+    peers: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -164,6 +171,7 @@ async fn run_suite(cli: &Cli) -> anyhow::Result<()> {
     let mut goals = Vec::new();
     let mut size_chart = None;
     let mut writer_panels = None;
+    let mut executor_chart = None;
     let show = |section: Section, sections: &mut Vec<Section>| {
         println!("## {}\n\n{}", section.title, section.body);
         sections.push(section);
@@ -200,9 +208,14 @@ async fn run_suite(cli: &Cli) -> anyhow::Result<()> {
     }
     if wanted(Scenario::Executor) {
         let t = Instant::now();
-        let r = executor::run(&servers, &profile).await;
+        let peers = cli.peers.then(|| {
+            eprintln!("[run-bench] installing the peers (npm, pip)");
+            run_bench::peers::Peers::install(&run_bench::peers::default_dir())
+        });
+        let r = executor::run(&servers, &profile, peers.as_ref()).await;
         eprintln!("[run-bench] ... took {:.0} s", t.elapsed().as_secs_f64());
         goals.extend(r.goals());
+        executor_chart = r.chart();
         show(r.section(), &mut sections);
     }
     if wanted(Scenario::Ordered) {
@@ -252,6 +265,15 @@ async fn run_suite(cli: &Cli) -> anyhow::Result<()> {
         plots.push((
             WRITERS_PLOT.to_owned(),
             "append throughput vs writers".to_owned(),
+        ));
+    }
+
+    if let Some(chart) = executor_chart {
+        let svg = plot::render("Executor throughput vs workers", &[chart]);
+        write(&folder.join(EXECUTOR_PLOT), &svg)?;
+        plots.push((
+            EXECUTOR_PLOT.to_owned(),
+            "executor, SKIP LOCKED loop and peers vs workers".to_owned(),
         ));
     }
 

@@ -188,7 +188,8 @@ pub async fn started_by<C: ConnectionTrait>(
 }
 
 /// Completes the running stories `held` (each as its holder last wrote it, holding no limit)
-/// in one write, each matched on its id and version. Returns the stories written (completed,
+/// in one write, each matched on its id and version, with its `started_at` as given (the
+/// attempt's real start). Returns the stories written (completed,
 /// lease expiry and error cleared); a story missing from the answer was not written (its
 /// version moved on, or it holds a limit and was not tried). A story others need is
 /// completed here like any other: the caller marks its needs met afterwards
@@ -210,7 +211,30 @@ where
         return Ok(Vec::new());
     }
     let now = Utc::now();
-    let update = run_story::Entity::update_many()
+    // Each row's start as its holder gives it (a story claimed ahead of its worker started
+    // after its claim); as stored where it gives none.
+    let started_at = held
+        .iter()
+        .filter(|s| pairs.iter().any(|(id, _)| *id == s.id))
+        .fold(
+            None::<sea_orm::sea_query::CaseStatement>,
+            |case, s| match s.started_at {
+                Some(at) => {
+                    let when = Expr::col(run_story::Column::Id).eq(s.id);
+                    Some(match case {
+                        Some(case) => case.case(when, Expr::val(at)),
+                        None => Expr::case(when, Expr::val(at)),
+                    })
+                }
+                None => case,
+            },
+        )
+        .map(|case| -> Expr { case.finally(Expr::col(run_story::Column::StartedAt)).into() });
+    let mut update = run_story::Entity::update_many();
+    if let Some(started_at) = started_at {
+        update = update.col_expr(run_story::Column::StartedAt, started_at);
+    }
+    let update = update
         .col_expr(
             run_story::Column::Status,
             Expr::val(StoryStatus::Completed.as_str()),

@@ -323,7 +323,8 @@ impl Release {
 }
 
 /// Records the result of the attempt on `held` (the story as this worker last wrote it) by a
-/// transition from that version. The lease's expiry is cleared; `lease_owner` stays, naming the
+/// transition from that version, with `held.started_at` as the attempt's start. The lease's
+/// expiry is cleared; `lease_owner` stays, naming the
 /// worker that recorded the result. A conflict means the worker was fenced off and nothing was
 /// recorded. A completed story that others need (`needed_by > 0`) is completed in one
 /// transaction with [`run_domain::mark_met`] and [`run_domain::let_go`]; see
@@ -360,7 +361,10 @@ where
     C: ConnectionTrait + TransactionTrait,
 {
     let no_expiry = Changes::<run_story::Entity>::new()
-        .set(run_story::Column::LeaseExpiresAt, None::<DateTime<Utc>>);
+        .set(run_story::Column::LeaseExpiresAt, None::<DateTime<Utc>>)
+        // The attempt's start as its holder knows it (later than the claim for a story that
+        // waited in its process's queue).
+        .set(run_story::Column::StartedAt, held.started_at);
     let to = how.target(held);
     let changes = match (how, to) {
         (Release::Completed, _) => no_expiry.set(run_story::Column::Error, None::<String>),

@@ -138,6 +138,7 @@ impl Execution {
 
         let output_from = log.lines_queued();
         let started = Instant::now();
+        let started_at = chrono::Utc::now();
         let (cancel_handle, cancel) = Cancellation::new();
         let ctx = StoryContext {
             story: story.clone(),
@@ -151,22 +152,96 @@ impl Execution {
                 .and_then(|ms| u64::try_from(ms).ok())
                 .map(|ms| started + Duration::from_millis(ms)),
         };
-        let (ending, last) = self.supervise(ctx, cancel_handle, story, lease).await;
+        let (ending, mut last) = self.supervise(ctx, cancel_handle, story, lease).await;
+        // When the handler really started (a story claimed ahead of its worker waited in the
+        // process's queue): written with the result.
+        last.started_at = Some(started_at);
         let elapsed = started.elapsed();
-        let finished = self
-            .record(
-                &sref,
-                &log,
-                last,
-                lease,
-                AttemptEnd {
-                    ending,
-                    elapsed,
-                    output_from,
-                },
-            )
-            .await;
+        self.handler_took(elapsed);
+        let end = AttemptEnd {
+            ending,
+            elapsed,
+            output_from,
+        };
+        // A completion without output that changes nothing but its own row is recorded in the
+        // background (batched with the others finishing meanwhile), and this worker moves on;
+        // everything after the record (its line, the epic) follows the commit as it would here.
+        let (end, held) =
+            match self.defer_record(sref.clone(), log.clone(), last.clone(), lease, end, held) {
+                Ok(()) => return,
+                Err(kept) => *kept,
+            };
+        let finished = self.record(&sref, &log, last, lease, end).await;
         self.after_recorded(finished, held).await;
+    }
+
+    /// Records `end` of `last` in a task of its own when it may be (see
+    /// [`Execution::deferrable`]), waited for before the execution returns; otherwise gives
+    /// `end` and `held` back to be recorded here.
+    #[allow(clippy::result_large_err)]
+    fn defer_record<'a>(
+        &'a self,
+        sref: super::event::StoryRef,
+        log: crate::log_sink::LogSink,
+        last: run_story::Model,
+        lease: &Lease,
+        end: AttemptEnd,
+        held: Held<'a>,
+    ) -> Result<(), Box<(AttemptEnd, Held<'a>)>> {
+        if !self.deferrable(&last, &log, &end) {
+            return Err(Box::new((end, held)));
+        }
+        let Some(me) = self.me.get().and_then(std::sync::Weak::upgrade) else {
+            return Err(Box::new((end, held)));
+        };
+        let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
+            return Err(Box::new((end, held)));
+        };
+        // The count of stories of the epic this process holds goes over to the task.
+        let (epic, counted) = held.hand_over();
+        let lease = lease.clone();
+        let task = async move {
+            let held = Held {
+                execution: &me,
+                epic,
+                counted,
+            };
+            let finished = me.record(&sref, &log, last, &lease, end).await;
+            me.after_recorded(finished, held).await;
+            drop(permit);
+        }
+        .instrument(tracing::Span::current());
+        match self.recording.lock() {
+            Ok(mut set) => {
+                set.spawn(task);
+                Ok(())
+            }
+            // Not reached (the lock is only held to spawn); the task is dropped, and with it
+            // the count it holds.
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Whether the result of this attempt may be recorded in the background: claims and
+    /// completions are batched, the handler completed, the story has no output waiting, holds
+    /// no limit and is needed by nothing (its record touches its own row only).
+    fn deferrable(
+        &self,
+        last: &run_story::Model,
+        log: &crate::log_sink::LogSink,
+        end: &AttemptEnd,
+    ) -> bool {
+        self.batching
+            && last.needed_by == 0
+            && last.limit_keys.is_none()
+            && log.lines_queued() == end.output_from
+            && matches!(
+                &end.ending,
+                Ending::Done {
+                    outcome: Some(crate::handler::StoryOutcome::Completed),
+                    stop: None,
+                }
+            )
     }
     /// Counts a story of `epic` as held by this process.
     pub(super) fn hold(&self, epic: Uuid) -> Held<'_> {

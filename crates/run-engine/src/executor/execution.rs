@@ -94,6 +94,19 @@ impl Execution {
             }
         }
     }
+    /// Counts one handler's time into the moving average.
+    pub(super) fn handler_took(&self, elapsed: std::time::Duration) {
+        let took = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX / 2);
+        let _ = self
+            .handler_micros
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |avg| {
+                Some(if avg == u64::MAX {
+                    took
+                } else {
+                    (avg.saturating_mul(7) / 8).saturating_add(took / 8)
+                })
+            });
+    }
     pub(super) fn stop_claiming(&self) -> bool {
         self.shutdown.level() != ShutdownLevel::Running
             || self.run_status.borrow().is_terminal()
@@ -239,6 +252,15 @@ pub(super) struct Execution {
     pub(super) batching: bool,
     /// Workers waiting for a story, and the stories another worker claimed for them.
     pub(super) handoff: Mutex<super::producer::Handoff>,
+    /// A moving average of how long handlers take (microseconds; `u64::MAX` before the first),
+    /// which decides whether claims take stories ahead of the idle workers.
+    pub(super) handler_micros: AtomicU64,
+    /// This execution, for tasks of its own.
+    pub(super) me: std::sync::OnceLock<std::sync::Weak<Execution>>,
+    /// Results being recorded in the background ([`Execution::run_story`] moved on).
+    pub(super) recording: Mutex<tokio::task::JoinSet<()>>,
+    /// Bounds the results recorded in the background at once.
+    pub(super) in_flight: Arc<tokio::sync::Semaphore>,
     /// Results waiting to be recorded in the next batched write.
     pub(super) completions: super::completer::Completions,
 }
@@ -252,6 +274,14 @@ pub(super) struct Held<'a> {
 }
 
 impl Held<'_> {
+    /// Gives up this handle without uncounting: the epic and whether it was counted, for a
+    /// handle made again elsewhere (a background record).
+    pub(super) fn hand_over(self) -> (Uuid, bool) {
+        let taken = (self.epic, self.counted);
+        std::mem::forget(self);
+        taken
+    }
+
     /// Stops counting this story; true when other workers of this process still hold stories
     /// of its epic. Called after the story's result committed: then the last of them to
     /// release sees every other's result, so only it needs to look whether the epic is done.

@@ -100,6 +100,10 @@ use tokio::sync::{broadcast, watch};
 use tokio::time::Instant;
 use uuid::Uuid;
 
+/// Handlers that take less than this on average: claims also take stories ahead of the idle
+/// workers (one more per worker), queued in the process for the next worker that is free.
+pub(super) const SHORT_HANDLER: Duration = Duration::from_millis(20);
+
 /// How often a worker also looks for expired leases while pending stories remain.
 pub(super) const EXPIRY_CHECK_EVERY: Duration = Duration::from_secs(1);
 
@@ -249,9 +253,16 @@ impl Executor {
             full_limits: Mutex::new(HashMap::new()),
             batching,
             handoff: Mutex::new(Handoff::default()),
+            handler_micros: std::sync::atomic::AtomicU64::new(u64::MAX),
+            me: std::sync::OnceLock::new(),
+            recording: Mutex::new(tokio::task::JoinSet::new()),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(
+                4 * self.inner.config.claim_batch.max(1),
+            )),
             completions: Completions::default(),
         });
 
+        let _ = execution.me.set(Arc::downgrade(&execution));
         let mut first_error = None;
         if !status.is_terminal() {
             let listener = self
@@ -287,6 +298,13 @@ impl Executor {
                     first_error.get_or_insert(e);
                 }
             }
+            // Results still being recorded in the background.
+            let mut recording = execution
+                .recording
+                .lock()
+                .map(|mut set| std::mem::take(&mut *set))
+                .unwrap_or_default();
+            while recording.join_next().await.is_some() {}
             // Stories claimed for workers that stopped first go back at once (their leases
             // would otherwise hold them until they expire).
             execution.give_back_spare().await;

@@ -3,6 +3,7 @@
 
 use super::EXPIRY_CHECK_EVERY;
 use super::MAX_CONSECUTIVE_FAILURES;
+use super::SHORT_HANDLER;
 use super::event::ExecutorEvent;
 use super::execution::Execution;
 use crate::error::EngineError;
@@ -234,11 +235,17 @@ impl Execution {
         });
         if let Some(claim) = given.flatten() {
             drop(candidates);
-            if self.stop_claiming() {
+            if self.stop_claiming() || *self.paused.borrow() {
+                // Claimed before the pause or the shutdown, not started: back it goes (and
+                // so do the others queued ahead).
                 self.give_back_unstarted(claim).await;
+                self.give_back_spare_queue().await;
                 return Ok(Batch::Nothing);
             }
-            return Ok(Batch::Claimed(Box::new(claim)));
+            return Ok(match self.fresh_enough(claim, lease).await {
+                Some(claim) => Batch::Claimed(Box::new(claim)),
+                None => Batch::Nothing,
+            });
         }
         let due = candidates
             .last_expiry_check
@@ -270,7 +277,13 @@ impl Execution {
         }
         let mut idle = self.with_handoff(|h| h.idle.clone()).unwrap_or_default();
         idle.dedup();
-        let max = (idle.len() + 1).min(self.config().claim_batch);
+        // Short handlers: a whole batch, the stories ahead of the idle workers queued for
+        // whichever worker is free first (its
+        // lease runs meanwhile; see `fresh_enough`).
+        let short = self.handler_micros.load(Ordering::Relaxed)
+            < u64::try_from(SHORT_HANDLER.as_micros()).unwrap_or(u64::MAX);
+        let ahead = if short { self.config().claim_batch } else { 0 };
+        let max = (idle.len() + 1 + ahead).min(self.config().claim_batch);
         let until = lease.expires_at(Utc::now());
         self.stats.claims_tried.fetch_add(1, Ordering::Relaxed);
         let claimed =
@@ -305,6 +318,14 @@ impl Execution {
             Err(e) => return Err(EngineError::from(e)),
         };
         candidates.drained = stories.len() < max;
+        // In the order the claim picked them (a statement's answer has no order of its own).
+        let mut stories = stories;
+        stories.sort_by(|a, b| {
+            b.priority
+                .cmp(&a.priority)
+                .then(a.position.cmp(&b.position))
+                .then(a.id.cmp(&b.id))
+        });
         let mut stories = stories.into_iter().map(|story| Claim {
             story,
             taken_over_from: None,
@@ -327,6 +348,37 @@ impl Execution {
             Some(claim) => Batch::Claimed(Box::new(claim)),
             None => Batch::Nothing,
         })
+    }
+    /// `claim`, taken from the process's queue, if its lease still has half its length to
+    /// run; else renewed first (`None` when the renewal finds it taken over or changed).
+    async fn fresh_enough(&self, claim: Claim, lease: &Lease) -> Option<Claim> {
+        let now = Utc::now();
+        let left = claim
+            .story
+            .lease_expires_at
+            .and_then(|t| (t - now).to_std().ok())
+            .unwrap_or_default();
+        if left >= lease.duration / 2 {
+            return Some(claim);
+        }
+        let owner = claim.story.lease_owner.clone().unwrap_or_default();
+        let held = Lease::new(owner, lease.duration);
+        match crate::lease::renew_lease(self.db(), &claim.story, &held, now).await {
+            Ok(story) => Some(Claim { story, ..claim }),
+            Err(e) => {
+                tracing::debug!(story = %claim.story.key, error = %e, "a queued claim could not be renewed");
+                None
+            }
+        }
+    }
+    /// Gives back the stories queued in the process for the next free worker.
+    async fn give_back_spare_queue(&self) {
+        let left: Vec<Claim> = self
+            .with_handoff(|h| h.spare.drain(..).collect())
+            .unwrap_or_default();
+        for claim in left {
+            self.give_back_unstarted(claim).await;
+        }
     }
     /// `f` on the hand-over state (`None` if a worker panicked holding it).
     fn with_handoff<T>(&self, f: impl FnOnce(&mut Handoff) -> T) -> Option<T> {
