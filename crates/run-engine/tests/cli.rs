@@ -561,3 +561,27 @@ fn rust_log_shows_each_claim_and_record_as_text_or_json() {
     assert!(status.success(), "{stderr}");
     assert!(!stderr.contains("claimed"), "{stderr}");
 }
+
+each_backend! {
+    /// `--claim-batch`: a plan of 40 quick stories runs to completion claimed in batches (the
+    /// default) and one by one (`--claim-batch 1`), every story once with one attempt; out of
+    /// range is refused by name before anything is created.
+    async fn claim_batch_runs_a_plan_in_batches_or_one_by_one(t) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let plan = RunFactory::new().epics(2).stories(20).command("true").write_plan(dir.path());
+        for extra in [&[][..], &["--claim-batch", "1"][..]] {
+            let mut args = vec!["run", plan.to_str().expect("utf-8"), "--workers", "4"];
+            args.extend_from_slice(extra);
+            let (status, stdout, stderr) = cli(&t.url, &args);
+            assert!(status.success(), "{extra:?}: {stderr}");
+            assert!(stdout.contains("completed: 40 completed, 0 failed, 0 cancelled of 40"), "{extra:?}: {stdout}");
+        }
+        let stories = entity::run_story::Entity::find().all(&t.db).await.expect("stories");
+        assert_eq!(stories.len(), 80);
+        assert!(stories.iter().all(|s| s.status == "completed" && s.attempts == 1));
+        let (status, _, stderr) = cli(&t.url, &["run", plan.to_str().expect("utf-8"), "--claim-batch", "0"]);
+        assert!(!status.success());
+        assert!(stderr.contains("--claim-batch"), "{stderr}");
+        assert_eq!(entity::run::Entity::find().all(&t.db).await.expect("runs").len(), 2, "nothing created");
+    }
+}

@@ -25,7 +25,8 @@ pub(crate) async fn execute(
         .workers(usize::from(args.workers))
         .lease(Duration::from_secs(args.lease_secs))
         .poll_interval(args.poll)
-        .listen(!args.no_listen);
+        .listen(!args.no_listen)
+        .claim_batch(usize::from(args.claim_batch));
     if let Some(addr) = args.metrics {
         run_engine::metrics::serve_prometheus(addr)?;
         eprintln!("serving metrics on http://{addr}/metrics");

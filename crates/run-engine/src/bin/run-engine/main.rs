@@ -194,6 +194,11 @@ struct ExecArgs {
     /// 1m). On PostgreSQL a notification wakes idle workers at once; the poll is the fallback
     #[arg(long, default_value = "250ms", value_parser = parse_poll, value_name = "DURATION")]
     poll: Duration,
+    /// The most stories one claim statement takes, for the idle workers of this process and,
+    /// when stories are short, the next ones ahead (1: one story per statement, the results
+    /// recorded one by one). Runs whose stories hold limits claim one at a time
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=256), value_name = "N")]
+    claim_batch: u16,
     /// On PostgreSQL, do not listen for notifications (behind a pooler that does not pass them
     /// on, such as PgBouncer in transaction mode): idle workers only poll
     #[arg(long)]
