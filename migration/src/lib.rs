@@ -20,6 +20,7 @@ mod m20261201_000007_add_needs;
 mod m20261201_000008_add_story_timeout;
 mod m20261201_000009_add_scheduling;
 mod m20261201_000010_add_wakeups;
+mod m20261201_000011_sqlite_log_head_follows;
 pub mod schema_types;
 
 pub use lock::{MigrationLockError, apply, fresh, rollback, status, with_migration_lock};
@@ -44,6 +45,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261201_000008_add_story_timeout::Migration),
             Box::new(m20261201_000009_add_scheduling::Migration),
             Box::new(m20261201_000010_add_wakeups::Migration),
+            Box::new(m20261201_000011_sqlite_log_head_follows::Migration),
         ]
     }
 }

@@ -444,3 +444,49 @@ each_backend! {
         assert_eq!(msgs, ["before", "started", "hello s1"]);
     }
 }
+
+each_backend! {
+    /// Appends that take the one-statement path (a fresh batch) and the transaction (a batch
+    /// appended under an id a caller chose, which looks for an earlier try first), from eight
+    /// connections at once: every line numbered once, 1 to N without a gap, the head at N, and
+    /// timestamps that never go back as `seq` goes up.
+    async fn one_statement_and_transactional_appends_share_one_numbering(t) {
+        let run = new_run(&t.db).await;
+        let barrier = Arc::new(Barrier::new(8));
+        let mut tasks = Vec::new();
+        for w in 0..8usize {
+            let db = run_domain::connect(&t.url).await.expect("connect");
+            let barrier = barrier.clone();
+            tasks.push(tokio::spawn(async move {
+                barrier.wait().await;
+                for i in 0..40usize {
+                    let lines = [format!("{w}:{i}:a"), format!("{w}:{i}:b")];
+                    if (w + i) % 2 == 0 {
+                        append_run_logs(&db, run.id, &lines).await.expect("append");
+                    } else {
+                        append_run_logs_idempotent(&db, run.id, Uuid::new_v4(), &lines)
+                            .await
+                            .expect("append by id");
+                    }
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.expect("writer");
+        }
+        let lines = read_all(&t.db, run.id).await;
+        assert_eq!(lines.len(), 8 * 40 * 2);
+        for (k, line) in lines.iter().enumerate() {
+            assert_eq!(line.seq, k as i64 + 1, "gap-free numbering");
+        }
+        for pair in lines.windows(2) {
+            assert!(pair[0].logged_at <= pair[1].logged_at, "time went back: {pair:?}");
+        }
+        let head = <entity::run_log_head::Entity as sea_orm::EntityTrait>::find_by_id(run.id)
+            .one(&t.db)
+            .await
+            .expect("head")
+            .expect("row");
+        assert_eq!(head.last_seq, lines.len() as i64);
+    }
+}

@@ -1,4 +1,4 @@
-//! Appending: one short transaction per batch (one statement on PostgreSQL), numbered under the
+//! Appending: one short transaction per batch (one statement on PostgreSQL and SQLite), numbered under the
 //! run's head lock, written once per batch id and checked against its digest on a replay.
 
 use super::AppendReceipt;
@@ -214,6 +214,18 @@ where
             return Ok(receipt);
         }
     }
+    if backend == DbBackend::Sqlite
+        && !look_for_earlier_try
+        && messages.len() <= SQLITE_FAST_PATH_LINES
+    {
+        let total: usize = messages.iter().map(|m| m.as_ref().len()).sum();
+        if total <= FAST_PATH_MAX_BYTES
+            && let Some(receipt) =
+                append_in_one_sqlite_statement(db, run_id, batch_id, messages).await?
+        {
+            return Ok(receipt);
+        }
+    }
     // SQLite: take the write lock at BEGIN, so the transaction never has to upgrade a read lock
     // (which fails at once with "database is locked" instead of waiting).
     let tx = db
@@ -272,7 +284,11 @@ where
     // Taken under the head's lock, so timestamps follow `seq` on any one machine's clock.
     // Microseconds, as every backend stores them: the receipt says exactly what a replay's
     // receipt (read back from the rows) will say.
-    let logged_at = Utc::now().trunc_subsecs(6);
+    // SQLite: milliseconds, as its own clock (read by the one-statement append) gives them.
+    let logged_at = match backend {
+        DbBackend::Sqlite => Utc::now().trunc_subsecs(3),
+        _ => Utc::now().trunc_subsecs(6),
+    };
     let first_seq = last - n + 1;
     // Bound each INSERT by rows and by bytes: MariaDB refuses packets over max_allowed_packet
     // (16 MiB by default), and every backend limits bound parameters.
@@ -360,6 +376,79 @@ where
                 bytes.into(),
                 batch_digest(messages).to_vec().into(),
             ],
+        ))
+        .await?;
+    let mut first_seq = i64::MAX;
+    let mut last_seq = 0;
+    let mut logged_at = None;
+    for row in &rows {
+        let seq: i64 = row.try_get("", "seq")?;
+        first_seq = Ord::min(first_seq, seq);
+        last_seq = Ord::max(last_seq, seq);
+        logged_at = Some(row.try_get::<DateTime<Utc>>("", "logged_at")?);
+    }
+    Ok(logged_at.map(|logged_at| AppendReceipt {
+        batch_id,
+        first_seq,
+        last_seq,
+        logged_at,
+        written: true,
+    }))
+}
+
+/// The most lines a batch sent as one statement on SQLite has (the head follows each line
+/// through a trigger, one update per line).
+pub(super) const SQLITE_FAST_PATH_LINES: usize = 64;
+
+/// SQLite: the whole append in one autocommit statement. The lines are numbered from the head
+/// read once in the statement (an uncorrelated subquery), and the `run_log_head_follows`
+/// trigger (migration 11) moves the head to each line's `seq` as it goes in. A write statement
+/// holds SQLite's write lock from its start to its commit, so no other append reads the head in
+/// between: numbers stay gap-free in commit order. The time is SQLite's own, read under that
+/// lock, so timestamps follow `seq` (at millisecond precision). Returns `None` when the run has
+/// no head row (the general path decides).
+pub(super) async fn append_in_one_sqlite_statement<C, S>(
+    db: &C,
+    run_id: Uuid,
+    batch_id: Uuid,
+    messages: &[S],
+) -> Result<Option<AppendReceipt>, LogError>
+where
+    C: ConnectionTrait,
+    S: AsRef<str>,
+{
+    let mut lines = String::new();
+    let mut values: Vec<sea_orm::Value> = vec![
+        run_id.into(),
+        batch_id.into(),
+        batch_digest(messages).to_vec().into(),
+    ];
+    for (i, message) in messages.iter().enumerate() {
+        if i > 0 {
+            lines.push_str(" UNION ALL ");
+        }
+        // Numbered: `?1` is the run, `?2` the batch, `?3` the digest, the texts from `?4`.
+        lines.push_str(&format!("SELECT {i} AS n, ?{} AS message", i + 4));
+        values.push(message.as_ref().as_bytes().to_vec().into());
+    }
+    let sql = format!(
+        "INSERT INTO run_log (run_id, seq, batch_id, line_no, logged_at, message, batch_digest) \
+         SELECT ?1, (SELECT last_seq FROM run_log_head WHERE run_id = ?1) + 1 + line.n, ?2, \
+             line.n, strftime('%Y-%m-%d %H:%M:%f000 +00:00', 'now'), line.message, \
+             CASE WHEN line.n = 0 THEN ?3 END \
+         FROM ({lines}) AS line \
+         WHERE EXISTS (SELECT 1 FROM run_log_head WHERE run_id = ?1) \
+         ORDER BY line.n \
+         RETURNING seq, logged_at"
+    );
+    // SAFETY(ordering, atomicity): one statement in autocommit is one transaction, and SQLite
+    // lets one write transaction in at a time: the head read above and every line's insert
+    // (with the trigger's move of the head) happen under its write lock.
+    let rows = db
+        .query_all_raw(sea_orm::Statement::from_sql_and_values(
+            DbBackend::Sqlite,
+            sql,
+            values,
         ))
         .await?;
     let mut first_seq = i64::MAX;
