@@ -378,22 +378,7 @@ where
             ],
         ))
         .await?;
-    let mut first_seq = i64::MAX;
-    let mut last_seq = 0;
-    let mut logged_at = None;
-    for row in &rows {
-        let seq: i64 = row.try_get("", "seq")?;
-        first_seq = Ord::min(first_seq, seq);
-        last_seq = Ord::max(last_seq, seq);
-        logged_at = Some(row.try_get::<DateTime<Utc>>("", "logged_at")?);
-    }
-    Ok(logged_at.map(|logged_at| AppendReceipt {
-        batch_id,
-        first_seq,
-        last_seq,
-        logged_at,
-        written: true,
-    }))
+    receipt_of(batch_id, &rows)
 }
 
 /// The most lines a batch sent as one statement on SQLite has (the head follows each line
@@ -451,10 +436,19 @@ where
             values,
         ))
         .await?;
+    receipt_of(batch_id, &rows)
+}
+
+/// The receipt of a one-statement append from the `seq` and `logged_at` it returned; `None`
+/// when it wrote nothing.
+fn receipt_of(
+    batch_id: Uuid,
+    rows: &[sea_orm::QueryResult],
+) -> Result<Option<AppendReceipt>, LogError> {
     let mut first_seq = i64::MAX;
     let mut last_seq = 0;
     let mut logged_at = None;
-    for row in &rows {
+    for row in rows {
         let seq: i64 = row.try_get("", "seq")?;
         first_seq = Ord::min(first_seq, seq);
         last_seq = Ord::max(last_seq, seq);
