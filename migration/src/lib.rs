@@ -21,6 +21,7 @@ mod m20261201_000008_add_story_timeout;
 mod m20261201_000009_add_scheduling;
 mod m20261201_000010_add_wakeups;
 mod m20261201_000011_sqlite_log_head_follows;
+mod m20261201_000012_wakeup_triggers_when;
 pub mod schema_types;
 
 pub use lock::{MigrationLockError, apply, fresh, rollback, status, with_migration_lock};
@@ -46,6 +47,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261201_000009_add_scheduling::Migration),
             Box::new(m20261201_000010_add_wakeups::Migration),
             Box::new(m20261201_000011_sqlite_log_head_follows::Migration),
+            Box::new(m20261201_000012_wakeup_triggers_when::Migration),
         ]
     }
 }

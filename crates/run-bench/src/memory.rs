@@ -149,6 +149,8 @@ pub struct ExecutorProbe {
     pub claims: u64,
     /// Claims another worker or process won first.
     pub conflicts: u64,
+    /// CPU seconds (user and system) the process used executing.
+    pub cpu_secs: f64,
 }
 
 impl ExecutorProbe {
@@ -156,13 +158,19 @@ impl ExecutorProbe {
     ///
     /// ```
     /// use run_bench::memory::ExecutorProbe;
-    /// let p = ExecutorProbe { start_rss_kib: 1, peak_kib: 2, stories: 3, secs: 0.5, claims: 2, conflicts: 1 };
+    /// let p = ExecutorProbe { start_rss_kib: 1, peak_kib: 2, stories: 3, secs: 0.5, claims: 2, conflicts: 1, cpu_secs: 0.25 };
     /// assert_eq!(ExecutorProbe::parse(&p.to_line()).unwrap(), p);
     /// ```
     pub fn to_line(&self) -> String {
         format!(
-            "executor-probe start_rss_kib={} peak_kib={} stories={} secs={} claims={} conflicts={}",
-            self.start_rss_kib, self.peak_kib, self.stories, self.secs, self.claims, self.conflicts
+            "executor-probe start_rss_kib={} peak_kib={} stories={} secs={} claims={} conflicts={} cpu_secs={}",
+            self.start_rss_kib,
+            self.peak_kib,
+            self.stories,
+            self.secs,
+            self.claims,
+            self.conflicts,
+            self.cpu_secs
         )
     }
 
@@ -175,6 +183,7 @@ impl ExecutorProbe {
             secs: field(line, "secs")?.parse()?,
             claims: field(line, "claims")?.parse()?,
             conflicts: field(line, "conflicts")?.parse()?,
+            cpu_secs: field(line, "cpu_secs")?.parse()?,
         })
     }
 
@@ -304,9 +313,11 @@ pub async fn executor_probe(
     let db = run_domain::connect(url).await?;
     let start_rss_kib = status_kib("VmRSS")?;
     let executor = Executor::new(db.clone(), NoOp, ExecutorConfig::default().workers(workers));
+    let cpu = crate::executor::own_cpu_seconds();
     let start = Instant::now();
     let summary = executor.execute(run_id).await?;
     let secs = start.elapsed().as_secs_f64();
+    let cpu_secs = crate::executor::own_cpu_seconds() - cpu;
     let peak_kib = status_kib("VmHWM")?;
     drop(executor);
     db.close().await.ok();
@@ -318,6 +329,7 @@ pub async fn executor_probe(
         secs,
         claims: summary.claims_tried,
         conflicts: summary.claim_conflicts,
+        cpu_secs,
     })
 }
 
