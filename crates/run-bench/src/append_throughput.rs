@@ -454,8 +454,9 @@ fn gap_and_cause(backend: Backend, cells: &[AppendCell]) -> String {
     let insert_hot = rate(Runs::One, max_w, Appender::PlainInsert);
     let statements = match backend {
         Backend::Sqlite => {
-            "four statements (`BEGIN IMMEDIATE`; `UPDATE run_log_head ... RETURNING`; the \
-             `INSERT`; `COMMIT`), each through sea-orm, against one autocommitted statement"
+            "one statement, as the INSERT is, but a heavier one: an `INSERT ... SELECT` that \
+             numbers the lines from the run's `run_log_head`, whose trigger then moves the head \
+             (an UPDATE per line), returning the numbers"
         }
         _ => {
             "one statement, as the INSERT is, but a heavier one: a CTE that bumps the run's \
@@ -483,7 +484,8 @@ fn gap_and_cause(backend: Backend, cells: &[AppendCell]) -> String {
         match backend {
             Backend::Sqlite => {
                 "SQLite lets one writer in at a time whatever the design, so both sides queue \
-                 on its write lock and what costs is the length of our transaction."
+                 on its write lock and what costs is the length of our statement (the head's \
+                 read and the trigger's update besides the INSERT)."
             }
             _ => {
                 "appends to one run are serialised by design: the row lock on the run's \

@@ -213,6 +213,9 @@ impl Execution {
         .instrument(tracing::Span::current());
         match self.recording.lock() {
             Ok(mut set) => {
+                // Finished tasks keep their memory until joined: reap them as we go, so the
+                // set holds about as many as are in flight, not one per story of the run.
+                while set.try_join_next().is_some() {}
                 set.spawn(task);
                 Ok(())
             }
