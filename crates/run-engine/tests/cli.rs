@@ -585,3 +585,73 @@ each_backend! {
         assert_eq!(entity::run::Entity::find().all(&t.db).await.expect("runs").len(), 2, "nothing created");
     }
 }
+
+/// Read-only commands against a SQLite file that does not exist say so, with its path, and
+/// create nothing; a `.env` that cannot be read or parsed is an error, not a fall-back to the
+/// default database.
+#[test]
+fn read_only_commands_do_not_create_a_database_and_an_unreadable_env_is_an_error() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let missing = dir.path().join("nowhere").join("runs.db");
+    let url = format!("sqlite://{}?mode=rwc", missing.display());
+    let id = uuid::Uuid::new_v4().to_string();
+    for args in [
+        vec!["status", id.as_str()],
+        vec!["logs", id.as_str()],
+        vec!["limits"],
+        vec!["graph", id.as_str()],
+    ] {
+        let (status, _, stderr) = cli(&url, &args);
+        assert!(!status.success(), "{args:?} succeeded");
+        assert!(
+            stderr.contains("no database at") && stderr.contains("runs.db"),
+            "{args:?}: {stderr}"
+        );
+    }
+    assert!(
+        !missing.exists() && !missing.parent().is_some_and(|p| p.exists()),
+        "nothing was created"
+    );
+
+    // A database that is there but not run-engine's: refused, and left without tables.
+    let empty = dir.path().join("empty.db");
+    std::fs::write(&empty, b"").expect("empty file");
+    let url = format!("sqlite://{}?mode=rwc", empty.display());
+    let (status, _, stderr) = cli(&url, &["status", id.as_str()]);
+    assert!(!status.success());
+    assert!(stderr.contains("holds no run-engine tables"), "{stderr}");
+    for file in [empty.clone(), dir.path().join("empty.db-wal")] {
+        let bytes = std::fs::read(&file).unwrap_or_default();
+        assert!(
+            !bytes.windows(12).any(|w| w == b"CREATE TABLE"),
+            "no tables created in {}",
+            file.display()
+        );
+    }
+
+    // A `.env` that cannot be parsed: refused (naming no content: it may hold a password), and
+    // no default database appears.
+    let cwd = tempfile::tempdir().expect("temp dir");
+    std::fs::write(
+        cwd.path().join(".env"),
+        "DATABASE_URL postgres://u:secret@h/db\n",
+    )
+    .expect(".env");
+    let out = std::process::Command::new(common::bin())
+        .args(["status", id.as_str()])
+        .current_dir(cwd.path())
+        .env_remove("DATABASE_URL")
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(".env cannot be used: syntax error"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("secret"), "{stderr}");
+    assert!(
+        !cwd.path().join("run-engine.db").exists(),
+        "no default database created"
+    );
+}

@@ -4,7 +4,7 @@
 use anyhow::{Context, Result};
 use run_domain::retry::{Schedule, retry_when};
 use run_domain::{redact_text, redact_url};
-use sea_orm::DatabaseConnection;
+use sea_orm::{ConnectionTrait, DatabaseConnection};
 use std::time::Duration;
 
 /// How long the database server may take to accept one TCP connection.
@@ -38,16 +38,18 @@ pub(crate) fn render_error(e: &anyhow::Error) -> String {
     text
 }
 
-/// Reads `.env` if there is one. Its content is never printed: it may hold a password.
-pub(crate) fn load_dotenv() {
+/// Reads `.env` if there is one; one that is there but cannot be read or parsed is an error
+/// (not a silent fall-back to the default database). Its content is never printed: it may hold
+/// a password.
+pub(crate) fn load_dotenv() -> Result<(), String> {
     match dotenvy::dotenv() {
-        Ok(_) => {}
-        Err(e) if e.not_found() => {}
-        Err(dotenvy::Error::LineParse(_, at)) => {
-            eprintln!("warning: .env ignored: syntax error at position {at}");
-        }
-        Err(dotenvy::Error::Io(e)) => eprintln!("warning: .env ignored: {e}"),
-        Err(_) => eprintln!("warning: .env ignored: it holds an invalid value"),
+        Ok(_) => Ok(()),
+        Err(e) if e.not_found() => Ok(()),
+        Err(dotenvy::Error::LineParse(_, at)) => Err(format!(
+            ".env cannot be used: syntax error at position {at} (fix it, or remove it to use the default database)"
+        )),
+        Err(dotenvy::Error::Io(e)) => Err(format!(".env cannot be read: {e}")),
+        Err(_) => Err(".env cannot be used: it holds an invalid value".to_owned()),
     }
 }
 
@@ -59,6 +61,55 @@ pub(crate) async fn open(url: &str) -> Result<DatabaseConnection> {
         .await
         .with_context(|| format!("applying migrations to {}", redact_url(url)))?;
     Ok(db)
+}
+
+/// Connects for a command that only reads (`status`, `logs`, `graph <run-id>`, `limits`): a
+/// SQLite file that does not exist is an error naming it (nothing is created), and a database
+/// without run-engine's tables is refused instead of migrated. A database that has them but is
+/// behind gets its pending migrations, as every command does.
+pub(crate) async fn open_existing(url: &str) -> Result<DatabaseConnection> {
+    if let Some(path) = sqlite_file(url)
+        && !path.exists()
+    {
+        anyhow::bail!(
+            "no database at {}: nothing to read (create a run first with `run-engine create` or \
+             `run-engine run`, or name the database with --database-url)",
+            path.display()
+        );
+    }
+    probe_server(url).await?;
+    let db = run_domain::connect(url).await?;
+    let applied = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            "SELECT COUNT(*) AS n FROM seaql_migrations",
+        ))
+        .await
+        .ok()
+        .flatten()
+        .and_then(|row| row.try_get::<i64>("", "n").ok())
+        .unwrap_or(0);
+    if applied == 0 {
+        anyhow::bail!(
+            "{} holds no run-engine tables: nothing to read (a command that writes, such as \
+             `run-engine create`, sets them up)",
+            redact_url(url)
+        );
+    }
+    migration::apply(&db, None)
+        .await
+        .with_context(|| format!("applying migrations to {}", redact_url(url)))?;
+    Ok(db)
+}
+
+/// The file a SQLite URL names (`sqlite://path?...` or `sqlite:path`), relative to the working
+/// directory; `None` for other URLs and in-memory databases.
+pub(crate) fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next().unwrap_or_default();
+    (!path.is_empty() && !path.starts_with(":memory:")).then(|| std::path::PathBuf::from(path))
 }
 
 /// For a PostgreSQL or MariaDB URL naming a host, checks that the server there accepts
@@ -146,7 +197,23 @@ impl Schedule for Patience {
 
 #[cfg(test)]
 mod tests {
-    use super::scrub_password;
+    use super::{scrub_password, sqlite_file};
+
+    #[test]
+    fn sqlite_urls_name_their_file_and_others_none() {
+        use std::path::PathBuf;
+        assert_eq!(
+            sqlite_file("sqlite://run-engine.db?mode=rwc"),
+            Some(PathBuf::from("run-engine.db"))
+        );
+        assert_eq!(
+            sqlite_file("sqlite:///tmp/x/a.db"),
+            Some(PathBuf::from("/tmp/x/a.db"))
+        );
+        assert_eq!(sqlite_file("sqlite:a.db"), Some(PathBuf::from("a.db")));
+        assert_eq!(sqlite_file("sqlite::memory:"), None);
+        assert_eq!(sqlite_file("postgres://u:p@h/db"), None);
+    }
 
     #[test]
     fn passwords_are_scrubbed_from_error_text_even_in_unparseable_urls() {

@@ -13,6 +13,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use connect::load_dotenv;
 use connect::open;
+use connect::open_existing;
 use connect::render_error;
 use connect::scrub_password;
 use execute::execute;
@@ -228,8 +229,12 @@ fn parse_poll(text: &str) -> Result<Duration, String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    load_dotenv();
+    let dotenv = load_dotenv();
     let cli = Cli::parse();
+    if let Err(e) = dotenv {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     init_tracing(cli.log_format);
     let url = cli
         .database_url
@@ -277,7 +282,7 @@ async fn run(command: Command, url: &str) -> Result<ExitCode> {
             execute(db, run_id, &exec).await
         }
         Command::Status { run_id, json } => {
-            let db = open(url).await?;
+            let db = open_existing(url).await?;
             let tree = load_run_tree(&db, run_id).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&tree)?);
@@ -287,13 +292,13 @@ async fn run(command: Command, url: &str) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Logs { run_id, follow } => {
-            let db = open(url).await?;
+            let db = open_existing(url).await?;
             logs(&db, run_id, follow).await
         }
         Command::Graph { source, format } => {
             let graph = match Uuid::parse_str(&source) {
                 Ok(run_id) if !std::path::Path::new(&source).exists() => {
-                    let db = open(url).await?;
+                    let db = open_existing(url).await?;
                     Graph::from_run_tree(&load_run_tree(&db, run_id).await?)
                 }
                 _ => Graph::from_plan(&load_plan(std::path::Path::new(&source))?),
@@ -396,7 +401,11 @@ async fn run(command: Command, url: &str) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Limits { action } => {
-            let db = open(url).await?;
+            // Listing only reads; setting creates what it needs.
+            let db = match action {
+                Some(_) => open(url).await?,
+                None => open_existing(url).await?,
+            };
             if let Some(LimitsAction::Set { name, capacity }) = action {
                 let limit = run_domain::set_limit(&db, &name, capacity).await?;
                 println!(
