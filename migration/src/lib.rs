@@ -52,6 +52,19 @@ impl MigratorTrait for Migrator {
     }
 }
 
+/// Runs `sql` (raw, several statements allowed) when the database is `backend`; nothing
+/// elsewhere. For migrations that only one backend needs (triggers).
+pub(crate) async fn execute_on(
+    manager: &SchemaManager<'_>,
+    backend: sea_orm_migration::sea_orm::DbBackend,
+    sql: &str,
+) -> Result<(), DbErr> {
+    if manager.get_database_backend() == backend {
+        manager.get_connection().execute_unprepared(sql).await?;
+    }
+    Ok(())
+}
+
 /// Names of every migration, oldest first.
 pub fn migration_names() -> Vec<String> {
     Migrator::migrations()

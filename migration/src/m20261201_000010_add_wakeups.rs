@@ -79,18 +79,10 @@ DROP FUNCTION IF EXISTS run_engine_notify_story();
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        if manager.get_database_backend() != DbBackend::Postgres {
-            return Ok(());
-        }
-        manager.get_connection().execute_unprepared(UP).await?;
-        Ok(())
+        crate::execute_on(manager, DbBackend::Postgres, UP).await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        if manager.get_database_backend() != DbBackend::Postgres {
-            return Ok(());
-        }
-        manager.get_connection().execute_unprepared(DOWN).await?;
-        Ok(())
+        crate::execute_on(manager, DbBackend::Postgres, DOWN).await
     }
 }

@@ -28,18 +28,10 @@ const DOWN: &str = "DROP TRIGGER IF EXISTS run_log_head_follows";
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        if manager.get_database_backend() != DbBackend::Sqlite {
-            return Ok(());
-        }
-        manager.get_connection().execute_unprepared(UP).await?;
-        Ok(())
+        crate::execute_on(manager, DbBackend::Sqlite, UP).await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        if manager.get_database_backend() != DbBackend::Sqlite {
-            return Ok(());
-        }
-        manager.get_connection().execute_unprepared(DOWN).await?;
-        Ok(())
+        crate::execute_on(manager, DbBackend::Sqlite, DOWN).await
     }
 }

@@ -41,18 +41,10 @@ CREATE TRIGGER run_story_notify
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        if manager.get_database_backend() != DbBackend::Postgres {
-            return Ok(());
-        }
-        manager.get_connection().execute_unprepared(UP).await?;
-        Ok(())
+        crate::execute_on(manager, DbBackend::Postgres, UP).await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        if manager.get_database_backend() != DbBackend::Postgres {
-            return Ok(());
-        }
-        manager.get_connection().execute_unprepared(DOWN).await?;
-        Ok(())
+        crate::execute_on(manager, DbBackend::Postgres, DOWN).await
     }
 }

@@ -206,25 +206,23 @@ where
     }
     let n = i64::try_from(messages.len()).unwrap_or(i64::MAX);
     let backend = db.get_database_backend();
-    if backend == DbBackend::Postgres && !look_for_earlier_try {
-        let total: usize = messages.iter().map(|m| m.as_ref().len()).sum();
-        if total <= FAST_PATH_MAX_BYTES
-            && let Some(receipt) = append_in_one_statement(db, run_id, batch_id, messages).await?
-        {
-            return Ok(receipt);
+    // A fresh batch of bounded size is one statement where the backend allows it.
+    let fits = |max_lines: usize| {
+        !look_for_earlier_try
+            && messages.len() <= max_lines
+            && messages.iter().map(|m| m.as_ref().len()).sum::<usize>() <= FAST_PATH_MAX_BYTES
+    };
+    let one_statement = match backend {
+        DbBackend::Postgres if fits(usize::MAX) => {
+            append_in_one_statement(db, run_id, batch_id, messages).await?
         }
-    }
-    if backend == DbBackend::Sqlite
-        && !look_for_earlier_try
-        && messages.len() <= SQLITE_FAST_PATH_LINES
-    {
-        let total: usize = messages.iter().map(|m| m.as_ref().len()).sum();
-        if total <= FAST_PATH_MAX_BYTES
-            && let Some(receipt) =
-                append_in_one_sqlite_statement(db, run_id, batch_id, messages).await?
-        {
-            return Ok(receipt);
+        DbBackend::Sqlite if fits(SQLITE_FAST_PATH_LINES) => {
+            append_in_one_sqlite_statement(db, run_id, batch_id, messages).await?
         }
+        _ => None,
+    };
+    if let Some(receipt) = one_statement {
+        return Ok(receipt);
     }
     // SQLite: take the write lock at BEGIN, so the transaction never has to upgrade a read lock
     // (which fails at once with "database is locked" instead of waiting).

@@ -307,7 +307,7 @@ impl Executor {
             while recording.join_next().await.is_some() {}
             // Stories claimed for workers that stopped first go back at once (their leases
             // would otherwise hold them until they expire).
-            execution.give_back_spare().await;
+            execution.give_back_queued(true).await;
             drop(watcher);
             drop(listener);
         }

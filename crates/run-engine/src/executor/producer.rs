@@ -239,7 +239,7 @@ impl Execution {
                 // Claimed before the pause or the shutdown, not started: back it goes (and
                 // so do the others queued ahead).
                 self.give_back_unstarted(claim).await;
-                self.give_back_spare_queue().await;
+                self.give_back_queued(false).await;
                 return Ok(Batch::Nothing);
             }
             return Ok(match self.fresh_enough(claim, lease).await {
@@ -371,15 +371,6 @@ impl Execution {
             }
         }
     }
-    /// Gives back the stories queued in the process for the next free worker.
-    async fn give_back_spare_queue(&self) {
-        let left: Vec<Claim> = self
-            .with_handoff(|h| h.spare.drain(..).collect())
-            .unwrap_or_default();
-        for claim in left {
-            self.give_back_unstarted(claim).await;
-        }
-    }
     /// `f` on the hand-over state (`None` if a worker panicked holding it).
     fn with_handoff<T>(&self, f: impl FnOnce(&mut Handoff) -> T) -> Option<T> {
         self.handoff.lock().ok().map(|mut h| f(&mut h))
@@ -395,13 +386,15 @@ impl Execution {
             self.stats.given_back.fetch_add(1, Ordering::Relaxed);
         }
     }
-    /// Gives back the stories claimed for workers that stopped before taking them (called once
-    /// every worker has returned).
-    pub(super) async fn give_back_spare(&self) {
+    /// Gives back the stories queued in the process for the next free worker, and (`all`: once
+    /// every worker has returned) those claimed for workers that stopped before taking them.
+    pub(super) async fn give_back_queued(&self, all: bool) {
         let left: Vec<Claim> = self
             .with_handoff(|h| {
                 let mut left: Vec<Claim> = h.spare.drain(..).collect();
-                left.extend(h.given.drain().map(|(_, c)| c));
+                if all {
+                    left.extend(h.given.drain().map(|(_, c)| c));
+                }
                 left
             })
             .unwrap_or_default();
