@@ -16,7 +16,9 @@
 //! - [`queries`]: what the engine asks of the database, each question once ([`StoryCounts`],
 //!   candidates, expired leases, unfinished stories).
 //! - [`status`]: progress and the run/epic/story tree ([`RunTree`]).
+//! - [`runs`]: the recent runs with status, progress and duration ([`list_runs`]).
 //! - [`graph`]: a plan or run as a graph of needs, drawn as DOT or Mermaid ([`Graph`]).
+//! - [`terminal`]: story output shown on a terminal without its control characters acting.
 //!
 //! ```no_run
 //! use run_engine::{Executor, ExecutorConfig, Plan, ShellHandler, create_run_from_plan};
@@ -44,10 +46,12 @@ pub mod metrics;
 pub mod plan;
 pub mod prune;
 pub mod queries;
+pub mod runs;
 pub mod shell;
 pub mod skip;
 pub mod status;
 pub mod story_log_layer;
+pub mod terminal;
 
 pub use cancel::{CancelReport, cancel_leftovers, cancel_run};
 pub use control::{CancelStoryReport, PauseReport, cancel_story, pause_run, resume_run};
@@ -73,6 +77,7 @@ pub use queries::{
     StoryCounts, epic_has_unfinished, expired_leases, pending_candidates, run_has_unfinished,
     unblocked_by, unfinished_stories,
 };
+pub use runs::{RunSummary, list_runs, render_runs};
 pub use shell::ShellHandler;
 pub use skip::{skip_blocked, skip_dependents};
 pub use status::{EpicView, LimitView, RunTree, RunView, StoryView, load_run_tree};

@@ -64,7 +64,7 @@ impl StoryCounts {
         }
     }
 
-    fn add(&mut self, status: &str, n: u64) {
+    pub(crate) fn add(&mut self, status: &str, n: u64) {
         match StoryStatus::parse(status) {
             Some(StoryStatus::Pending) => self.pending += n,
             Some(StoryStatus::Running) => self.running += n,

@@ -63,7 +63,7 @@ pub(crate) async fn open(url: &str) -> Result<DatabaseConnection> {
     Ok(db)
 }
 
-/// Connects for a command that only reads (`status`, `logs`, `graph <run-id>`, `limits`): a
+/// Connects for a command that only reads (`status`, `logs`, `runs`, `graph <run-id>`, `limits`): a
 /// SQLite file that does not exist is an error naming it (nothing is created), and a database
 /// without run-engine's tables is refused instead of migrated. A database that has them but is
 /// behind gets its pending migrations, as every command does.

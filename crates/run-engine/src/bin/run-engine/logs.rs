@@ -12,9 +12,18 @@ use uuid::Uuid;
 
 /// Prints the run's log; with `follow`, keeps polling until the run is finished and its
 /// closing line (`run <key> <status>`, the last line of every finished run's log) has been
-/// printed.
-pub(crate) async fn logs(db: &DatabaseConnection, run_id: Uuid, follow: bool) -> Result<ExitCode> {
+/// printed. On a terminal, control characters from story output are shown escaped (colour
+/// kept, see [`run_engine::terminal::escape_controls`]) unless `raw`; elsewhere lines go out as
+/// stored.
+pub(crate) async fn logs(
+    db: &DatabaseConnection,
+    run_id: Uuid,
+    follow: bool,
+    raw: bool,
+) -> Result<ExitCode> {
+    use std::io::IsTerminal;
     let stdout = std::io::stdout();
+    let escape = !raw && stdout.is_terminal();
     let mut cursor = LogCursor::START;
     // Batch ids of lines read so far that close the run in some status.
     let closers =
@@ -35,7 +44,13 @@ pub(crate) async fn logs(db: &DatabaseConnection, run_id: Uuid, follow: bool) ->
             let page = read_run_log_after(db, run_id, cursor, LOG_PAGE).await?;
             let mut out = stdout.lock();
             for entry in &page.entries {
-                if let Err(e) = writeln!(out, "{}", entry.to_line()) {
+                let line = entry.to_line();
+                let shown = if escape {
+                    run_engine::terminal::escape_controls(&line)
+                } else {
+                    line
+                };
+                if let Err(e) = writeln!(out, "{shown}") {
                     if e.kind() == std::io::ErrorKind::BrokenPipe {
                         return Ok(ExitCode::SUCCESS);
                     }

@@ -119,6 +119,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List recent runs, newest first: status, progress, start and duration
+    Runs {
+        /// Only runs in this status: pending, running, completed, failed or cancelled
+        #[arg(long, value_parser = parse_run_status, value_name = "STATUS")]
+        status: Option<run_domain::RunStatus>,
+        /// The most runs to list
+        #[arg(long, short = 'n', default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+        limit: u64,
+        /// Print JSON (an array of runs) instead of a table
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a run's log
     Logs {
         /// The run's id
@@ -126,6 +138,10 @@ enum Command {
         /// Keep printing new lines until the run has finished
         #[arg(long, short)]
         follow: bool,
+        /// Write story output as stored, control characters included, even to a terminal
+        /// (on a terminal they are otherwise shown escaped, `\x07`, with colours kept)
+        #[arg(long)]
+        raw: bool,
     },
     /// Cancel a run (nothing new starts, running stories are stopped), or one story of it
     Cancel {
@@ -216,6 +232,21 @@ fn parse_age(text: &str) -> Result<Duration, String> {
         .map_err(|e| format!("{text:?} is not a duration ({e}); write it like \"30d\" or \"12h\""))
 }
 
+/// A run status by name.
+fn parse_run_status(text: &str) -> Result<run_domain::RunStatus, String> {
+    use run_domain::Lifecycle;
+    run_domain::RunStatus::parse(text.trim()).ok_or_else(|| {
+        let names: Vec<&str> = run_domain::RunStatus::ALL
+            .iter()
+            .map(|s| s.as_str())
+            .collect();
+        format!(
+            "{text:?} is not a run status: use one of {}",
+            names.join(", ")
+        )
+    })
+}
+
 /// A poll interval: a humantime duration from 10 ms to an hour.
 fn parse_poll(text: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(text.trim()).map_err(|e| {
@@ -291,9 +322,27 @@ async fn run(command: Command, url: &str) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Logs { run_id, follow } => {
+        Command::Runs {
+            status,
+            limit,
+            json,
+        } => {
             let db = open_existing(url).await?;
-            logs(&db, run_id, follow).await
+            let runs = run_engine::list_runs(&db, status, limit).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&runs)?);
+            } else {
+                print!("{}", run_engine::render_runs(&runs));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Logs {
+            run_id,
+            follow,
+            raw,
+        } => {
+            let db = open_existing(url).await?;
+            logs(&db, run_id, follow, raw).await
         }
         Command::Graph { source, format } => {
             let graph = match Uuid::parse_str(&source) {

@@ -1,0 +1,132 @@
+//! What a user reaches for day to day, driven through the `run-engine` binary: the log on a
+//! terminal, the list of runs, retrying a run.
+
+mod common;
+
+use common::{cli, create};
+use run_engine_tests::each_backend;
+use std::path::Path;
+use std::process::Command;
+
+/// Runs `run-engine --database-url <url> <args>` on a pseudo-terminal (util-linux `script`), so
+/// its standard output is a terminal; returns what the terminal received.
+fn on_a_terminal(url: &str, args: &[&str]) -> String {
+    let mut command = format!("{} --database-url '{url}'", common::bin());
+    for a in args {
+        command.push_str(&format!(" '{a}'"));
+    }
+    let out = Command::new("script")
+        .args(["--quiet", "--return", "--command", &command, "/dev/null"])
+        .env_remove("DATABASE_URL")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run script (util-linux)");
+    assert!(
+        out.status.success(),
+        "{command} on a terminal failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn sqlite_url(dir: &Path) -> String {
+    format!("sqlite://{}?mode=rwc", dir.join("runs.db").display())
+}
+
+#[test]
+fn logs_on_a_terminal_show_control_characters_escaped_and_colour_as_colour() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = sqlite_url(dir.path());
+    let plan = dir.path().join("noisy.toml");
+    std::fs::write(
+        &plan,
+        "name = \"noisy\"\n[[epics]]\nkey = \"e\"\n[[epics.stories]]\nkey = \"s\"\n\
+         command = \"printf 'bell\\\\a wipe\\\\033[2J back\\\\b \\\\033[31mred\\\\033[0m\\\\n'\"\n",
+    )
+    .expect("write plan");
+    let run_id = create(&url, &plan).to_string();
+    let (status, _, stderr) = cli(&url, &["exec", &run_id]);
+    assert!(status.success(), "{stderr}");
+
+    // Not a terminal: the bytes as stored.
+    let (status, piped, _) = cli(&url, &["logs", &run_id]);
+    assert!(status.success());
+    assert!(
+        piped.contains("bell\u{7} wipe\u{1b}[2J back\u{8} \u{1b}[31mred\u{1b}[0m"),
+        "{piped:?}"
+    );
+
+    // A terminal: bell, screen wipe and backspace shown, colour kept.
+    let shown = on_a_terminal(&url, &["logs", &run_id]);
+    assert!(
+        shown.contains("bell\\x07 wipe\\x1b[2J back\\x08 \u{1b}[31mred\u{1b}[0m"),
+        "{shown:?}"
+    );
+    assert!(
+        !shown.contains('\u{7}') && !shown.contains('\u{8}') && !shown.contains("\u{1b}[2J"),
+        "{shown:?}"
+    );
+
+    // A terminal with --raw: as stored.
+    let raw = on_a_terminal(&url, &["logs", &run_id, "--raw"]);
+    assert!(raw.contains("bell\u{7} wipe\u{1b}[2J"), "{raw:?}");
+}
+
+/// Writes a one-epic plan named `name` whose stories run `commands`, in `dir`.
+fn plan_of(dir: &Path, name: &str, commands: &[&str]) -> std::path::PathBuf {
+    let mut text = format!("name = \"{name}\"\n[[epics]]\nkey = \"e\"\n");
+    for (i, c) in commands.iter().enumerate() {
+        text.push_str(&format!(
+            "[[epics.stories]]\nkey = \"s{i}\"\ncommand = \"{c}\"\n"
+        ));
+    }
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).expect("write plan");
+    path
+}
+
+each_backend! {
+    /// `runs` lists recent runs newest first with status and progress; filters by status;
+    /// limits; prints JSON; names the statuses when given a wrong one.
+    async fn runs_lists_recent_runs_with_status_progress_and_duration(t) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let done = plan_of(dir.path(), "done", &["true", "true"]);
+        let broken = plan_of(dir.path(), "broken", &["true", "exit 3", "true"]);
+        let later = plan_of(dir.path(), "later", &["true"]);
+        let (status, _, stderr) = cli(&t.url, &["run", done.to_str().expect("utf-8")]);
+        assert!(status.success(), "{stderr}");
+        let (status, _, _) = cli(&t.url, &["run", broken.to_str().expect("utf-8")]);
+        assert!(!status.success(), "the broken plan fails");
+        let pending = create(&t.url, &later);
+
+        let (status, table, stderr) = cli(&t.url, &["runs"]);
+        assert!(status.success(), "{stderr}");
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 4, "a header and three runs:\n{table}");
+        assert!(lines[0].starts_with("ID") && lines[0].contains("PROGRESS"), "{table}");
+        assert!(lines[1].starts_with(&pending.to_string()), "newest first:\n{table}");
+        assert!(lines[1].contains("pending") && lines[1].contains("0/1 (0%)"), "{table}");
+        assert!(lines[2].contains("failed") && lines[2].contains("3/3 (100%)") && lines[2].ends_with("broken"), "{table}");
+        assert!(lines[3].contains("completed") && lines[3].contains("2/2 (100%)") && lines[3].ends_with("done"), "{table}");
+
+        let (status, failed, _) = cli(&t.url, &["runs", "--status", "failed"]);
+        assert!(status.success());
+        assert_eq!(failed.lines().count(), 2, "{failed}");
+        assert!(failed.contains("broken"), "{failed}");
+
+        let (status, json, _) = cli(&t.url, &["runs", "--limit", "2", "--json"]);
+        assert!(status.success());
+        let json: serde_json::Value = serde_json::from_str(&json).expect("json");
+        let runs = json.as_array().expect("an array");
+        assert_eq!(runs.len(), 2);
+        assert_eq!(runs[0]["id"], pending.to_string());
+        assert_eq!(runs[1]["status"], "failed");
+        assert_eq!(runs[1]["counts"]["failed"], 1);
+        assert!(runs[1]["duration_ms"].as_i64().is_some_and(|ms| ms >= 0), "{json}");
+        assert!(runs[0]["duration_ms"].is_null(), "a run that never started has no duration");
+
+        let (status, _, stderr) = cli(&t.url, &["runs", "--status", "done"]);
+        assert!(!status.success());
+        assert!(stderr.contains("\"done\" is not a run status: use one of pending, running, completed, failed, cancelled"), "{stderr}");
+    }
+}
