@@ -21,6 +21,7 @@ pub struct Model {
     pub version: i32,
     pub fail_fast: bool,
     pub paused_at: Option<DateTimeUtc>,
+    pub retries: i32,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

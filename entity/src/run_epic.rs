@@ -24,6 +24,7 @@ pub struct Model {
     pub error: Option<String>,
     pub version: i32,
     pub needed_by: i32,
+    pub retries: i32,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

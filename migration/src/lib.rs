@@ -22,6 +22,7 @@ mod m20261201_000009_add_scheduling;
 mod m20261201_000010_add_wakeups;
 mod m20261201_000011_sqlite_log_head_follows;
 mod m20261201_000012_wakeup_triggers_when;
+mod m20261206_000013_add_retries;
 pub mod schema_types;
 
 pub use lock::{MigrationLockError, apply, fresh, rollback, status, with_migration_lock};
@@ -48,6 +49,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261201_000010_add_wakeups::Migration),
             Box::new(m20261201_000011_sqlite_log_head_follows::Migration),
             Box::new(m20261201_000012_wakeup_triggers_when::Migration),
+            Box::new(m20261206_000013_add_retries::Migration),
         ]
     }
 }
@@ -106,6 +108,8 @@ pub mod idens {
         FailFast,
         /// While set, no story of the run starts.
         PausedAt,
+        /// How many times the run was retried (`run-engine retry`).
+        Retries,
     }
 
     /// The `run_epic` table.
@@ -139,6 +143,8 @@ pub mod idens {
         Error,
         /// How many epics need this one (epic-level needs).
         NeededBy,
+        /// How many times the epic was reopened by a retry of its run.
+        Retries,
     }
 
     /// The `run_story` table.

@@ -17,7 +17,7 @@ use sea_orm_migration::sea_query::{Iden, IntoIden, Query, SimpleExpr};
 use std::collections::BTreeSet;
 
 /// The number of migrations in [`Migrator`].
-const MIGRATIONS: usize = 12;
+const MIGRATIONS: usize = 13;
 
 /// The name an iden stands for, e.g. `run_epic`.
 fn name(iden: impl Iden) -> String {
@@ -96,6 +96,13 @@ fn added_by(k: usize) -> (Vec<String>, Vec<(String, String)>) {
         10 => (vec![], vec![]),
         // Triggers only (PostgreSQL).
         11 => (vec![], vec![]),
+        12 => (
+            vec![],
+            vec![
+                (name(Run::Table), name(Run::Retries)),
+                (name(RunEpic::Table), name(RunEpic::Retries)),
+            ],
+        ),
         _ => unreachable!("there are {MIGRATIONS} migrations"),
     }
 }
@@ -105,6 +112,7 @@ fn indexes_added_by(k: usize) -> Vec<(String, String)> {
     match k {
         4 => vec![(name(RunStory::Table), "ix_run_story_epic_status".to_owned())],
         6 => vec![(name(RunStory::Table), "ix_run_story_ready".to_owned())],
+        12 => vec![(name(Run::Table), "ix_run_created_at".to_owned())],
         _ => vec![],
     }
 }
@@ -486,6 +494,7 @@ each_backend!(
                 error: Set(None),
                 fail_fast: Set(false),
                 paused_at: Set(None),
+                retries: Set(1),
             }
             .insert(&t.db)
             .await
@@ -505,6 +514,7 @@ each_backend!(
                 finished_at: Set(None),
                 error: Set(None),
                 needed_by: Set(0),
+                retries: Set(1),
             }
             .insert(&t.db)
             .await

@@ -92,6 +92,7 @@ where
         error: Set(None),
         fail_fast: Set(new.fail_fast),
         paused_at: Set(None),
+        retries: Set(0),
     })
     .exec_without_returning(&tx)
     .await?;
@@ -137,6 +138,7 @@ where
         finished_at: Set(None),
         error: Set(None),
         needed_by: Set(0),
+        retries: Set(0),
     })
     .exec_without_returning(db)
     .await?;

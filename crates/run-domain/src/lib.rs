@@ -5,6 +5,7 @@
 //!   conflicts ([`ConcurrencyError`]); the only way this crate changes a versioned row.
 //! - [`retry`]: re-read, re-apply, try again, with bounded jittered backoff.
 //! - [`lifecycle`]: run, epic and story statuses, their legal transitions, and [`transition`].
+//! - [`reopen`]: a failed or cancelled run back to pending, to be executed again ([`reopen_run`]).
 //! - [`run_log`]: atomic, ordered, append-only run logs and cursor reads for followers.
 //! - [`create`]: new runs, epics and stories, at version 1.
 //! - [`schedule`]: retry delays and pausing: when a story may start.
@@ -19,6 +20,7 @@ pub mod error;
 pub mod lifecycle;
 pub mod limits;
 pub mod needs;
+pub mod reopen;
 pub mod retry;
 pub mod run_log;
 pub mod schedule;
@@ -41,6 +43,7 @@ pub use limits::{
 pub use needs::{
     EpicNeed, StoryNeed, create_needs, let_go, mark_met, satisfy_epic, satisfy_run, satisfy_story,
 };
+pub use reopen::{ReopenError, Reopened, reopen_run};
 pub use retry::{RetryPolicy, Retryable, retry, update_with_retry};
 pub use run_log::{
     AppendReceipt, LogBatch, LogCursor, LogEntry, LogPage, append_run_log, append_run_logs,

@@ -167,7 +167,7 @@ where
         append_closing_line(
             db,
             epic.run_id,
-            finish_line_batch(epic.id, EPIC_LINE_SALT),
+            finish_line_batch(epic.id, epic.retries, EPIC_LINE_SALT),
             format!("epic {} {}", epic.key, verdict.epic()),
         )
         .await?;
@@ -220,7 +220,7 @@ where
             append_closing_line(
                 db,
                 run_id,
-                closing_line_batch(run_id, status),
+                closing_line_batch(run_id, run.retries, status),
                 closing_line(&run.key, status, run.error.as_deref()),
             )
             .await?;
@@ -236,7 +236,7 @@ where
         append_closing_line(
             db,
             run_id,
-            closing_line_batch(run_id, verdict.run()),
+            closing_line_batch(run_id, run.retries, verdict.run()),
             closing_line(&run.key, verdict.run(), error.as_deref()),
         )
         .await?;
@@ -331,25 +331,33 @@ const CANCELLED_RUN_LINE_SALT: u128 = 0x5a17_7a11_0000_0000_0000_0000_0000_0003;
 /// versions used for every status; a cancelled run under its own, since a cancellation may
 /// overtake a run whose closing line is already written.)
 ///
+/// `retries` is the run's (`run.retries`): a run retried and finished again closes its log
+/// again, under another id.
+///
 /// ```
 /// use run_domain::RunStatus;
 /// let run = uuid::Uuid::new_v4();
-/// let done = run_engine::closing_line_batch(run, RunStatus::Completed);
-/// assert_eq!(done, run_engine::closing_line_batch(run, RunStatus::Completed));
-/// assert_ne!(done, run_engine::closing_line_batch(run, RunStatus::Cancelled));
+/// let done = run_engine::closing_line_batch(run, 0, RunStatus::Completed);
+/// assert_eq!(done, run_engine::closing_line_batch(run, 0, RunStatus::Completed));
+/// assert_ne!(done, run_engine::closing_line_batch(run, 0, RunStatus::Cancelled));
+/// assert_ne!(done, run_engine::closing_line_batch(run, 1, RunStatus::Completed));
 /// ```
-pub fn closing_line_batch(run_id: Uuid, status: RunStatus) -> Uuid {
+pub fn closing_line_batch(run_id: Uuid, retries: i32, status: RunStatus) -> Uuid {
     match status {
-        RunStatus::Cancelled => finish_line_batch(run_id, CANCELLED_RUN_LINE_SALT),
-        _ => finish_line_batch(run_id, RUN_LINE_SALT),
+        RunStatus::Cancelled => finish_line_batch(run_id, retries, CANCELLED_RUN_LINE_SALT),
+        _ => finish_line_batch(run_id, retries, RUN_LINE_SALT),
     }
 }
 
-/// The batch id of the line that says the epic or run `id` finished: derived from the id, so
-/// that whichever worker writes the line, however often, it is written once. A version-8
-/// (custom) UUID, so it never equals the random (version-4) batch id of any other line.
-fn finish_line_batch(id: Uuid, salt: u128) -> Uuid {
-    let bits = id.as_u128() ^ salt;
+/// The batch id of the line that says the epic or run `id` finished (after `retries` retries
+/// of its run): derived from the id, so that whichever worker writes the line, however often,
+/// it is written once per finish. A version-8 (custom) UUID, so it never equals the random
+/// (version-4) batch id of any other line. With no retry it is the id every earlier version
+/// wrote.
+fn finish_line_batch(id: Uuid, retries: i32, salt: u128) -> Uuid {
+    // The retry count goes into the top 32 bits, clear of the version and variant bits.
+    let generation = u128::from(retries.unsigned_abs()) << 96;
+    let bits = id.as_u128() ^ salt ^ generation;
     let version = 0xf_u128 << 76;
     let variant = 0x3_u128 << 62;
     Uuid::from_u128((bits & !version & !variant) | (0x8 << 76) | (0x2 << 62))
@@ -397,20 +405,28 @@ mod tests {
     #[test]
     fn finish_line_batch_ids_are_stable_distinct_and_never_random_ones() {
         let epic = Uuid::new_v4();
-        let a = finish_line_batch(epic, EPIC_LINE_SALT);
-        assert_eq!(a, finish_line_batch(epic, EPIC_LINE_SALT));
-        assert_ne!(a, finish_line_batch(epic, RUN_LINE_SALT));
-        assert_ne!(a, finish_line_batch(Uuid::new_v4(), EPIC_LINE_SALT));
+        let a = finish_line_batch(epic, 0, EPIC_LINE_SALT);
+        assert_eq!(a, finish_line_batch(epic, 0, EPIC_LINE_SALT));
+        assert_ne!(a, finish_line_batch(epic, 0, RUN_LINE_SALT));
+        assert_ne!(a, finish_line_batch(Uuid::new_v4(), 0, EPIC_LINE_SALT));
+        assert_ne!(a, finish_line_batch(epic, 1, EPIC_LINE_SALT));
         assert_eq!(a.get_version_num(), 8);
         assert_eq!(a.get_variant(), uuid::Variant::RFC4122);
+        let again = finish_line_batch(epic, 7, EPIC_LINE_SALT);
+        assert_eq!(again.get_version_num(), 8);
+        assert_eq!(again.get_variant(), uuid::Variant::RFC4122);
+        // No retry: the id earlier versions wrote.
+        let bits = epic.as_u128() ^ EPIC_LINE_SALT;
+        let old = (bits & !(0xf_u128 << 76) & !(0x3_u128 << 62)) | (0x8 << 76) | (0x2 << 62);
+        assert_eq!(a, Uuid::from_u128(old));
         let run = Uuid::new_v4();
         assert_ne!(
-            closing_line_batch(run, RunStatus::Completed),
-            closing_line_batch(run, RunStatus::Cancelled)
+            closing_line_batch(run, 0, RunStatus::Completed),
+            closing_line_batch(run, 0, RunStatus::Cancelled)
         );
         assert_eq!(
-            closing_line_batch(run, RunStatus::Completed),
-            closing_line_batch(run, RunStatus::Failed)
+            closing_line_batch(run, 0, RunStatus::Completed),
+            closing_line_batch(run, 0, RunStatus::Failed)
         );
     }
 }

@@ -130,3 +130,104 @@ each_backend! {
         assert!(stderr.contains("\"done\" is not a run status: use one of pending, running, completed, failed, cancelled"), "{stderr}");
     }
 }
+
+each_backend! {
+    /// A failed run is retried: its failed and skipped stories run again, its completed one does
+    /// not, and its log closes again; a completed run and a run that executes are refused; a
+    /// cancelled run is retried once its stories stopped.
+    async fn retry_runs_a_failed_runs_failed_and_skipped_stories_again(t) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let d = dir.path().display().to_string();
+        let plan = dir.path().join("flaky.toml");
+        std::fs::write(
+            &plan,
+            format!(
+                "name = \"flaky\"\n[[epics]]\nkey = \"e\"\n\
+                 [[epics.stories]]\nkey = \"ok\"\ncommand = \"echo ok >> {d}/ran\"\n\
+                 [[epics.stories]]\nkey = \"flaky\"\ncommand = \"echo flaky >> {d}/ran && test -f {d}/fixed\"\n\
+                 [[epics.stories]]\nkey = \"after\"\nneeds = [\"flaky\"]\ncommand = \"echo after >> {d}/ran\"\n\
+                 [[epics]]\nkey = \"last\"\nneeds = [\"e\"]\n\
+                 [[epics.stories]]\nkey = \"end\"\ncommand = \"echo end >> {d}/ran\"\n"
+            ),
+        )
+        .expect("write plan");
+        let (status, _, stderr) = cli(&t.url, &["run", plan.to_str().expect("utf-8")]);
+        assert!(!status.success(), "the first execution fails: {stderr}");
+        let run_id = stderr
+            .lines()
+            .find_map(|l| l.strip_prefix("created run "))
+            .and_then(|l| l.split_whitespace().next())
+            .expect("the run id on stderr")
+            .to_owned();
+        // Which stories ran, in any order (stories without needs run side by side).
+        let ran = || {
+            let mut lines: Vec<String> = std::fs::read_to_string(dir.path().join("ran"))
+                .unwrap_or_default()
+                .lines()
+                .map(str::to_owned)
+                .collect();
+            lines.sort();
+            lines.join(" ")
+        };
+        assert_eq!(ran(), "flaky ok", "flaky failed, its dependents never started");
+
+        let (status, out, stderr) = cli(&t.url, &["retry", &run_id]);
+        assert!(status.success(), "{stderr}");
+        assert!(
+            out.contains(&format!("run {run_id} retried (was failed): 3 stories back to pending")),
+            "{out}"
+        );
+        let (_, json, _) = cli(&t.url, &["status", &run_id, "--json"]);
+        let json: serde_json::Value = serde_json::from_str(&json).expect("json");
+        assert_eq!(json["run"]["status"], "pending");
+        assert_eq!(json["epics"][0]["stories"][0]["status"], "completed");
+        assert_eq!(json["epics"][0]["stories"][1]["status"], "pending");
+        assert_eq!(json["epics"][0]["stories"][1]["attempts"], 0);
+        assert!(json["epics"][0]["stories"][1]["error"].is_null());
+        assert_eq!(json["epics"][0]["stories"][2]["waiting_on"], serde_json::json!(["e.flaky"]));
+
+        std::fs::write(dir.path().join("fixed"), b"").expect("fix it");
+        let (status, out, stderr) = cli(&t.url, &["exec", &run_id]);
+        assert!(status.success(), "the retried run completes: {out}{stderr}");
+        assert_eq!(ran(), "after end flaky flaky ok", "the completed story did not run again");
+        let (_, logs, _) = cli(&t.url, &["logs", &run_id]);
+        let at = |needle: &str| {
+            logs.lines()
+                .position(|l| l.contains(needle))
+                .unwrap_or_else(|| panic!("{needle} missing from:\n{logs}"))
+        };
+        assert!(at("run flaky failed") < at("run flaky retried (was failed)"), "{logs}");
+        assert!(at("run flaky retried") < at("[e/flaky] completed"), "{logs}");
+        assert!(logs.lines().last().is_some_and(|l| l.ends_with("run flaky completed")), "{logs}");
+        assert_eq!(logs.matches("epic e failed").count(), 1, "{logs}");
+        assert_eq!(logs.matches("epic e completed").count(), 1, "{logs}");
+        let (status, followed, _) = cli(&t.url, &["logs", &run_id, "--follow"]);
+        assert!(status.success());
+        assert_eq!(followed, logs, "a follower ends at the new closing line");
+
+        let (status, _, stderr) = cli(&t.url, &["retry", &run_id]);
+        assert!(!status.success());
+        assert!(stderr.contains(&format!("run {run_id} is completed: every story completed: nothing to retry")), "{stderr}");
+
+        // While it executes: refused. Cancelled: retried once its story stopped.
+        let slow = plan_of(dir.path(), "slow", &["sleep 30"]);
+        let slow_id = create(&t.url, &slow);
+        let slow_run = slow_id.to_string();
+        let mut exec = common::ExecProcess::start(&t.url, slow_id, 1, 30, dir.path());
+        let db = t.reconnect().await;
+        common::wait_for("the slow story to run", std::time::Duration::from_secs(30), || {
+            let db = db.clone();
+            async move { common::count_status(&db, slow_id, "running").await == 1 }
+        })
+        .await;
+        let (status, _, stderr) = cli(&t.url, &["retry", &slow_run]);
+        assert!(!status.success());
+        assert!(stderr.contains("is running: it cannot be retried while it executes"), "{stderr}");
+        let (status, _, stderr) = cli(&t.url, &["cancel", &slow_run]);
+        assert!(status.success(), "{stderr}");
+        exec.wait(std::time::Duration::from_secs(30)).await;
+        let (status, out, stderr) = cli(&t.url, &["retry", &slow_run]);
+        assert!(status.success(), "{stderr}");
+        assert!(out.contains("retried (was cancelled): 1 story back to pending"), "{out}");
+    }
+}

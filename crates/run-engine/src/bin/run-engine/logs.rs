@@ -25,9 +25,12 @@ pub(crate) async fn logs(
     let stdout = std::io::stdout();
     let escape = !raw && stdout.is_terminal();
     let mut cursor = LogCursor::START;
-    // Batch ids of lines read so far that close the run in some status.
-    let closers =
-        [RunStatus::Completed, RunStatus::Cancelled].map(|s| closing_line_batch(run_id, s));
+    // Batch ids of lines read so far that close the run in some status (after as many
+    // retries as the run has had when it was last read).
+    let mut retries = 0;
+    let closers = |retries: i32| {
+        [RunStatus::Completed, RunStatus::Cancelled].map(|s| closing_line_batch(run_id, retries, s))
+    };
     let mut closed_with: Vec<Uuid> = Vec::new();
     let mut settled = false;
     loop {
@@ -36,6 +39,7 @@ pub(crate) async fn logs(
                 .one(db)
                 .await?
                 .with_context(|| format!("run {run_id} not found"))?;
+            retries = run.retries;
             RunStatus::parse(&run.status).filter(|s| s.is_terminal())
         } else {
             None
@@ -56,7 +60,7 @@ pub(crate) async fn logs(
                     }
                     return Err(e).context("writing the log");
                 }
-                if closers.contains(&entry.batch_id) {
+                if closers(retries).contains(&entry.batch_id) {
                     closed_with.push(entry.batch_id);
                 }
             }
@@ -77,9 +81,9 @@ pub(crate) async fn logs(
         // (see `run_engine::finish`), and the status was read before this pass of reading, so
         // having read the closing line of that status means having read the whole log. (A
         // cancelled run written by an earlier version closed under the completed run's id.)
-        let closing = closing_line_batch(run_id, status);
+        let closing = closing_line_batch(run_id, retries, status);
         if closed_with.contains(&closing)
-            || (status == RunStatus::Cancelled && closed_with.contains(&closers[0]))
+            || (status == RunStatus::Cancelled && closed_with.contains(&closers(retries)[0]))
         {
             return Ok(ExitCode::SUCCESS);
         }

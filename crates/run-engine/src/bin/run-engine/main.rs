@@ -152,6 +152,13 @@ enum Command {
         #[arg(long, value_name = "EPIC.STORY")]
         story: Option<String>,
     },
+    /// Retry a failed or cancelled run: its failed, cancelled and skipped stories go back to
+    /// pending (no attempt made) so that `exec` runs them again; completed stories stay done.
+    /// Refused while the run executes
+    Retry {
+        /// The run's id
+        run_id: Uuid,
+    },
     /// Pause a run: no story of it starts in any process until `resume`; running ones finish
     Pause {
         /// The run's id
@@ -395,6 +402,18 @@ async fn run(command: Command, url: &str) -> Result<ExitCode> {
                 },
                 report.stories_cancelled,
                 report.still_running
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Retry { run_id } => {
+            let db = open(url).await?;
+            let r = run_domain::reopen_run(&db, run_id).await?;
+            println!(
+                "run {run_id} retried (was {}): {} {} back to pending; `run-engine exec {run_id}` runs {}",
+                r.was,
+                r.stories,
+                if r.stories == 1 { "story" } else { "stories" },
+                if r.stories == 1 { "it" } else { "them" },
             );
             Ok(ExitCode::SUCCESS)
         }
