@@ -184,8 +184,51 @@ async fn applied_names(db: &DatabaseConnection) -> Result<Vec<String>, DbErr> {
 /// migration lock. Destroys all data.
 pub async fn fresh(db: &DatabaseConnection) -> Result<Vec<String>, MigrationLockError> {
     with_migration_lock(db, || async {
+        if db.get_database_backend() == DbBackend::Sqlite {
+            drop_sqlite_tables(db).await?;
+        }
         Migrator::fresh(db).await?;
         Ok(crate::migration_names())
     })
     .await
+}
+
+/// Drops every table of a SQLite database, each after every table whose foreign keys point at
+/// it. SeaORM's `fresh` turns foreign keys off inside a transaction, where SQLite ignores the
+/// pragma, and drops in whatever order the tables come: a table dropped after one it points at
+/// fails with `no such table` (seen about half the time), so the order is decided here.
+async fn drop_sqlite_tables(db: &DatabaseConnection) -> Result<(), DbErr> {
+    let rows = db
+        .query_all_raw(Statement::from_string(
+            DbBackend::Sqlite,
+            "SELECT m.name AS name, p.\"table\" AS parent FROM sqlite_master m \
+             LEFT JOIN pragma_foreign_key_list(m.name) p \
+             WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite_%'",
+        ))
+        .await?;
+    let mut parents: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for row in rows {
+        let name: String = row.try_get("", "name")?;
+        let parent: Option<String> = row.try_get("", "parent")?;
+        let entry = parents.entry(name.clone()).or_default();
+        if let Some(parent) = parent.filter(|p| *p != name) {
+            entry.push(parent);
+        }
+    }
+    while !parents.is_empty() {
+        // A table no remaining table points at goes first.
+        let leaf = parents
+            .keys()
+            .find(|t| !parents.values().any(|ps| ps.contains(t)))
+            .cloned();
+        // A cycle of foreign keys: SQLite cannot drop any of them first; let SeaORM try.
+        let Some(table) = leaf else { return Ok(()) };
+        db.execute_unprepared(&format!(
+            "DROP TABLE IF EXISTS \"{}\"",
+            table.replace('"', "\"\"")
+        ))
+        .await?;
+        parents.remove(&table);
+    }
+    Ok(())
 }

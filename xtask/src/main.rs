@@ -48,7 +48,8 @@ async fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            // The same one line `run-engine` prints: each cause once, passwords hidden.
+            eprintln!("error: {}", run_domain::describe(err.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }

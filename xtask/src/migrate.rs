@@ -11,6 +11,10 @@ pub struct MigrateArgs {
     /// file `run-engine.db` in the working directory.
     #[arg(long, global = true)]
     database_url: Option<String>,
+    /// Do not ask before `down` or `fresh` destroy data (needed when there is no terminal to
+    /// ask on, as in scripts and CI)
+    #[arg(long, short = 'y', global = true)]
+    yes: bool,
     #[command(subcommand)]
     action: Option<Action>,
 }
@@ -23,7 +27,8 @@ enum Action {
         #[arg(short = 'n', long)]
         steps: Option<u32>,
     },
-    /// Roll back the last N applied migrations (default 1).
+    /// Roll back the last N applied migrations (default 1), dropping what they added with its
+    /// data. Asks first on a terminal; refused without one unless `--yes`.
     Down {
         /// How many to roll back.
         #[arg(short = 'n', long, default_value_t = 1)]
@@ -32,7 +37,8 @@ enum Action {
     /// List every migration and whether it is applied (like `prisma migrate status`); exits
     /// non-zero when some are pending.
     Status,
-    /// Drop every table and apply every migration again. Destroys all data.
+    /// Drop every table and apply every migration again. Destroys all data. Asks first on a
+    /// terminal (like `prisma migrate reset`); refused without one unless `--yes`.
     Fresh,
 }
 
@@ -44,9 +50,10 @@ pub fn database_url(flag: Option<String>) -> String {
 
 /// Runs `cargo xtask migrate`.
 pub async fn run(args: MigrateArgs) -> Result<()> {
-    let url = database_url(args.database_url);
+    let url = database_url(args.database_url.clone());
     let shown = redact_url(&url);
-    let db = connect(&url).await.context("connecting for migrate")?;
+    // The error names the database (password hidden) and why; nothing to add.
+    let db = connect(&url).await?;
     println!("database: {shown}");
     match args.action.unwrap_or(Action::Up { steps: None }) {
         Action::Up { steps } => {
@@ -62,6 +69,30 @@ pub async fn run(args: MigrateArgs) -> Result<()> {
             print_status(&db, &shown).await?;
         }
         Action::Down { steps } => {
+            let applied: Vec<String> = migration::status(&db)
+                .await
+                .with_context(|| format!("reading migration status of {shown}"))?
+                .into_iter()
+                .filter(|(_, applied)| *applied)
+                .map(|(name, _)| name)
+                .collect();
+            let last: Vec<&str> = applied
+                .iter()
+                .rev()
+                .take(usize::try_from(steps).unwrap_or(usize::MAX))
+                .map(String::as_str)
+                .collect();
+            if !last.is_empty() {
+                confirm(
+                    &format!(
+                        "roll back {} on {shown} ({}), dropping what {} added and the data in it",
+                        plural(last.len(), "migration"),
+                        last.join(", "),
+                        if last.len() == 1 { "it" } else { "they" }
+                    ),
+                    args.yes,
+                )?;
+            }
             let rolled = migration::rollback(&db, Some(steps))
                 .await
                 .with_context(|| format!("rolling back migrations on {shown}"))?;
@@ -80,6 +111,10 @@ pub async fn run(args: MigrateArgs) -> Result<()> {
             }
         }
         Action::Fresh => {
+            confirm(
+                &format!("drop every table of {shown} with all its data, then migrate again"),
+                args.yes,
+            )?;
             let applied = migration::fresh(&db)
                 .await
                 .with_context(|| format!("recreating the schema on {shown}"))?;
@@ -90,6 +125,42 @@ pub async fn run(args: MigrateArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `n thing` or `n things`.
+fn plural(n: usize, thing: &str) -> String {
+    if n == 1 {
+        format!("1 {thing}")
+    } else {
+        format!("{n} {thing}s")
+    }
+}
+
+/// Asks on the terminal before `action` destroys data; `yes` skips the question. Without a
+/// terminal on standard input the action is refused: nobody is there to answer, and a script
+/// that means it says `--yes`.
+fn confirm(action: &str, yes: bool) -> Result<()> {
+    use std::io::{BufRead, IsTerminal, Write};
+    if yes {
+        return Ok(());
+    }
+    let stdin = std::io::stdin();
+    if !stdin.is_terminal() {
+        anyhow::bail!(
+            "refused to {action}: no terminal to ask on; pass --yes to do it without asking"
+        );
+    }
+    eprint!("This will {action}.\nContinue? [y/N] ");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    stdin
+        .lock()
+        .read_line(&mut answer)
+        .context("reading the answer")?;
+    match answer.trim().to_ascii_lowercase().as_str() {
+        "y" | "yes" => Ok(()),
+        _ => anyhow::bail!("not confirmed: nothing was changed"),
+    }
 }
 
 async fn print_status(db: &sea_orm::DatabaseConnection, shown: &str) -> Result<usize> {

@@ -32,15 +32,49 @@ pub enum ConnectError {
         /// What is wrong with it.
         reason: String,
     },
-    /// The server refused or could not be reached.
-    #[error("cannot connect to {url}")]
+    /// Nothing accepts connections at the server's address (checked before the pool tries,
+    /// which would wait out its 30 s acquire timeout).
+    #[error("cannot connect to {url}: the server {server} cannot be reached: {why}")]
+    Unreachable {
+        /// The URL, password redacted.
+        url: String,
+        /// `host:port`.
+        server: String,
+        /// What happened, with a hint.
+        why: String,
+    },
+    /// The server (or, for SQLite, the file) refused the connection.
+    #[error("cannot connect to {url}: {reason}")]
     Database {
         /// The URL, password redacted.
         url: String,
-        /// The driver's error.
-        #[source]
-        source: DbErr,
+        /// Why, in one clause: the server's message without the driver's wrappers, and a hint
+        /// ([`crate::reach::explain`]).
+        reason: String,
+        /// The driver's error, password removed (its text is `reason`'s source, so it is not
+        /// printed again as a cause).
+        driver: Box<DbErr>,
     },
+}
+
+/// The file a SQLite URL names (`sqlite://path?...` or `sqlite:path`), relative to the working
+/// directory; `None` for other URLs and in-memory databases.
+///
+/// ```
+/// use std::path::PathBuf;
+/// assert_eq!(
+///     run_domain::connection::sqlite_path("sqlite://run-engine.db?mode=rwc"),
+///     Some(PathBuf::from("run-engine.db"))
+/// );
+/// assert_eq!(run_domain::connection::sqlite_path("sqlite::memory:"), None);
+/// assert_eq!(run_domain::connection::sqlite_path("postgres://u@h/db"), None);
+/// ```
+pub fn sqlite_path(url: &str) -> Option<std::path::PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next().unwrap_or_default();
+    (!path.is_empty() && !path.starts_with(":memory:")).then(|| std::path::PathBuf::from(path))
 }
 
 /// Returns `url` with any password replaced by `***`, safe to print or log.
@@ -76,7 +110,9 @@ pub fn redact_url(url: &str) -> String {
 /// - SQLite: WAL journal, `synchronous = NORMAL`, foreign keys on, a 60 s busy timeout, and a
 ///   pool of 8 connections (readers never wait for the writer in WAL mode). A `:memory:`
 ///   database keeps one connection, since each connection would otherwise get its own database.
-/// - PostgreSQL and MariaDB: a pool of 16 connections, a 30 s acquire timeout.
+/// - PostgreSQL and MariaDB: a pool of 16 connections, a 30 s acquire timeout. A server that
+///   does not accept TCP connections is reported within about 2 s
+///   ([`ConnectError::Unreachable`], see [`crate::reach::probe_server`]).
 ///
 /// Statements are not logged, so nothing here prints a URL's password.
 ///
@@ -134,12 +170,21 @@ async fn open(url: &str, pool_size: Option<u32>) -> Result<DatabaseConnection, C
         }
     };
     opts.max_connections(pool_size.unwrap_or(default_size));
-    Database::connect(opts)
-        .await
-        .map_err(|source| ConnectError::Database {
-            source: scrub(source),
+    if let Err(e) = crate::reach::probe_server(&url).await {
+        return Err(ConnectError::Unreachable {
             url: redacted,
-        })
+            server: e.server,
+            why: e.why,
+        });
+    }
+    Database::connect(opts).await.map_err(|e| {
+        let driver = scrub(e);
+        ConnectError::Database {
+            reason: crate::reach::explain(&driver, &url),
+            driver: Box::new(driver),
+            url: redacted,
+        }
+    })
 }
 
 /// A driver error with every password removed: drivers quote a URL they cannot parse, and

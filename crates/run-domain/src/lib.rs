@@ -12,6 +12,7 @@
 //! - [`limits`]: concurrency limits shared by every process.
 //! - [`batch`]: many stories per statement: batched starts and completions.
 //! - [`connection`]: [`connect`] with the right defaults per backend.
+//! - [`reach`]: probing the server first, and one sentence for why a connection failed ([`describe`]).
 
 pub mod batch;
 pub mod connection;
@@ -20,6 +21,7 @@ pub mod error;
 pub mod lifecycle;
 pub mod limits;
 pub mod needs;
+pub mod reach;
 pub mod reopen;
 pub mod retry;
 pub mod run_log;
@@ -43,6 +45,7 @@ pub use limits::{
 pub use needs::{
     EpicNeed, StoryNeed, create_needs, let_go, mark_met, satisfy_epic, satisfy_run, satisfy_story,
 };
+pub use reach::describe;
 pub use reopen::{ReopenError, Reopened, reopen_run};
 pub use retry::{RetryPolicy, Retryable, retry, update_with_retry};
 pub use run_log::{

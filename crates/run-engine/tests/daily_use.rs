@@ -231,3 +231,15 @@ each_backend! {
         assert!(out.contains("retried (was cancelled): 1 story back to pending"), "{out}");
     }
 }
+
+#[test]
+fn a_server_that_does_not_listen_is_named_in_one_line_as_xtask_names_it() {
+    // The same sentence `cargo xtask migrate` prints (xtask/tests/migrate_cli.rs).
+    let (status, _, stderr) = cli("postgres://app:hunter2@127.0.0.1:9/runs", &["runs"]);
+    assert!(!status.success());
+    assert_eq!(
+        stderr.trim(),
+        "error: cannot connect to postgres://app:***@127.0.0.1:9/runs: the server 127.0.0.1:9 \
+         cannot be reached: connection refused (is the server running and listening on port 9?)"
+    );
+}

@@ -1,17 +1,9 @@
-//! Reaching the database: `.env`, connecting and probing the server, and error messages with
-//! every password redacted.
+//! Reaching the database: `.env`, connecting (the server is probed by `run_domain::connect`),
+//! and error messages with every password redacted.
 
 use anyhow::{Context, Result};
-use run_domain::retry::{Schedule, retry_when};
 use run_domain::{redact_text, redact_url};
 use sea_orm::{ConnectionTrait, DatabaseConnection};
-use std::time::Duration;
-
-/// How long the database server may take to accept one TCP connection.
-pub(crate) const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// How long a refused connection is tried again (a server starting up).
-pub(crate) const PROBE_PATIENCE: Duration = Duration::from_secs(2);
 
 /// `text` with every password blanked out by structure: `url` itself is shown redacted, and
 /// the userinfo password of any other URL the driver quoted (an unparseable URL comes back whole
@@ -21,21 +13,10 @@ pub(crate) fn scrub_password(text: &str, url: &str) -> String {
     redact_text(&text.replace(url, &redact_url(url)))
 }
 
-/// The error and its causes, `outer: inner`, leaving out a cause whose text an outer error
-/// already quotes (several errors print their source in their own message).
+/// The error and its causes on one line, each once, without the driver's wrappers: the same
+/// text `cargo xtask` prints ([`run_domain::describe`]).
 pub(crate) fn render_error(e: &anyhow::Error) -> String {
-    let mut text = String::new();
-    for cause in e.chain() {
-        let part = cause.to_string();
-        if text.contains(&part) {
-            continue;
-        }
-        if !text.is_empty() {
-            text.push_str(": ");
-        }
-        text.push_str(&part);
-    }
-    text
+    run_domain::describe(e.as_ref())
 }
 
 /// Reads `.env` if there is one; one that is there but cannot be read or parsed is an error
@@ -55,7 +36,6 @@ pub(crate) fn load_dotenv() -> Result<(), String> {
 
 /// Connects and applies any pending migration. Errors show the URL without its password.
 pub(crate) async fn open(url: &str) -> Result<DatabaseConnection> {
-    probe_server(url).await?;
     let db = run_domain::connect(url).await?;
     migration::apply(&db, None)
         .await
@@ -68,7 +48,7 @@ pub(crate) async fn open(url: &str) -> Result<DatabaseConnection> {
 /// without run-engine's tables is refused instead of migrated. A database that has them but is
 /// behind gets its pending migrations, as every command does.
 pub(crate) async fn open_existing(url: &str) -> Result<DatabaseConnection> {
-    if let Some(path) = sqlite_file(url)
+    if let Some(path) = run_domain::connection::sqlite_path(url)
         && !path.exists()
     {
         anyhow::bail!(
@@ -77,7 +57,6 @@ pub(crate) async fn open_existing(url: &str) -> Result<DatabaseConnection> {
             path.display()
         );
     }
-    probe_server(url).await?;
     let db = run_domain::connect(url).await?;
     let applied = db
         .query_one_raw(sea_orm::Statement::from_string(
@@ -102,117 +81,25 @@ pub(crate) async fn open_existing(url: &str) -> Result<DatabaseConnection> {
     Ok(db)
 }
 
-/// The file a SQLite URL names (`sqlite://path?...` or `sqlite:path`), relative to the working
-/// directory; `None` for other URLs and in-memory databases.
-pub(crate) fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
-    let rest = url
-        .strip_prefix("sqlite://")
-        .or_else(|| url.strip_prefix("sqlite:"))?;
-    let path = rest.split('?').next().unwrap_or_default();
-    (!path.is_empty() && !path.starts_with(":memory:")).then(|| std::path::PathBuf::from(path))
-}
-
-/// For a PostgreSQL or MariaDB URL naming a host, checks that the server there accepts
-/// connections before the pool tries: the pool would wait out its whole acquire timeout (30 s)
-/// on a refused connection and then say only that it timed out. A server that is just starting
-/// gets a few seconds. Anything else is left to [`run_domain::connect`] to report.
-pub(crate) async fn probe_server(url: &str) -> Result<()> {
-    let Ok(parsed) = url::Url::parse(url) else {
-        return Ok(());
-    };
-    let default_port = match parsed.scheme().to_ascii_lowercase().as_str() {
-        "postgres" | "postgresql" => 5432,
-        "mysql" | "mariadb" => 3306,
-        _ => return Ok(()),
-    };
-    // A Unix socket (empty host, or a `host`/`socket` parameter) is not probed.
-    let socket = parsed
-        .query_pairs()
-        .any(|(k, _)| k == "host" || k == "socket");
-    let host = match parsed.host_str() {
-        Some(h) if !h.is_empty() && !socket => h.trim_start_matches('[').trim_end_matches(']'),
-        _ => return Ok(()),
-    };
-    let (host, port) = (host.to_owned(), parsed.port().unwrap_or(default_port));
-    // A server that is starting up refuses for a moment: refusals are tried again for a while.
-    let (tried, _) = retry_when(
-        &Patience,
-        |_| {
-            let (h, p) = (host.clone(), port);
-            async move {
-                tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-                    use std::net::ToSocketAddrs;
-                    let mut last = None;
-                    for addr in (h.as_str(), p).to_socket_addrs()? {
-                        match std::net::TcpStream::connect_timeout(&addr, PROBE_TIMEOUT) {
-                            Ok(_) => return Ok(()),
-                            Err(e) => last = Some(e),
-                        }
-                    }
-                    Err(last
-                        .unwrap_or_else(|| std::io::Error::other("the host name has no address")))
-                })
-                .await
-                .map_err(|e| std::io::Error::other(format!("probing the database server: {e}")))?
-            }
-        },
-        |e: &std::io::Error| e.kind() == std::io::ErrorKind::ConnectionRefused,
-    )
-    .await;
-    let Err(unreachable) = tried else {
-        return Ok(());
-    };
-    let why = match unreachable.kind() {
-        std::io::ErrorKind::ConnectionRefused => {
-            format!("connection refused (is the server running and listening on port {port}?)")
-        }
-        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => {
-            format!("no answer within {} s", PROBE_TIMEOUT.as_secs())
-        }
-        _ => unreachable.to_string(),
-    };
-    let server = if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    };
-    anyhow::bail!(
-        "cannot connect to {}: the server {server} cannot be reached: {why}",
-        redact_url(url)
-    )
-}
-
-/// How a refused probe is tried again: every 250 ms for [`PROBE_PATIENCE`].
-struct Patience;
-
-impl Schedule for Patience {
-    fn allows(&self, _failures: u32, elapsed: Duration) -> bool {
-        elapsed < PROBE_PATIENCE
-    }
-
-    fn wait(&self, _failures: u32, _elapsed: Duration) -> Duration {
-        Duration::from_millis(250)
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{scrub_password, sqlite_file};
+    use super::scrub_password;
+    use run_domain::connection::sqlite_path;
 
     #[test]
     fn sqlite_urls_name_their_file_and_others_none() {
         use std::path::PathBuf;
         assert_eq!(
-            sqlite_file("sqlite://run-engine.db?mode=rwc"),
+            sqlite_path("sqlite://run-engine.db?mode=rwc"),
             Some(PathBuf::from("run-engine.db"))
         );
         assert_eq!(
-            sqlite_file("sqlite:///tmp/x/a.db"),
+            sqlite_path("sqlite:///tmp/x/a.db"),
             Some(PathBuf::from("/tmp/x/a.db"))
         );
-        assert_eq!(sqlite_file("sqlite:a.db"), Some(PathBuf::from("a.db")));
-        assert_eq!(sqlite_file("sqlite::memory:"), None);
-        assert_eq!(sqlite_file("postgres://u:p@h/db"), None);
+        assert_eq!(sqlite_path("sqlite:a.db"), Some(PathBuf::from("a.db")));
+        assert_eq!(sqlite_path("sqlite::memory:"), None);
+        assert_eq!(sqlite_path("postgres://u:p@h/db"), None);
     }
 
     #[test]
