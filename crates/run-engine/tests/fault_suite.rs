@@ -608,17 +608,17 @@ fn broken_plans(url: &str, dir: &Path, inputs: &mut Inputs) {
         (
             "no-story-key.toml",
             "name = \"x\"\n[[epics]]\nkey = \"e\"\n[[epics.stories]]\ncommand = \"true\"\n".into(),
-            vec!["epics.stories.key", "missing field `key`"],
+            vec!["epics[0].stories[0].key", "missing field `key`"],
         ),
         (
             "duplicate-toml-key.toml",
             format!("name = \"a\"\nname = \"b\"\n[[epics]]\nkey = \"e\"\n{story}"),
-            vec![":2:1:", "duplicate key"],
+            vec![":2:1:", "name: duplicate key `name`"],
         ),
         (
             "duplicate-story-field.toml",
             "name = \"a\"\n[[epics]]\nkey = \"e\"\n[[epics.stories]]\nkey = \"s\"\nkey = \"t\"\ncommand = \"true\"\n".into(),
-            vec![":6:1:", "duplicate key"],
+            vec![":6:1:", "epics[0].stories[0].key: duplicate key `key`"],
         ),
         (
             "empty-epic.toml",

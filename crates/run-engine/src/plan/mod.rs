@@ -56,12 +56,15 @@
 //! runs.
 //!
 //! Every problem is reported with the file, the line and column, and the field it is about
-//! (`epics[0].stories[2].command`), all problems of a file at once.
+//! (`epics[0].stories[2].command`), all problems of a file at once: syntax errors (a repeated
+//! key named, `duplicate key \`command\``), missing, unknown and mistyped fields of every
+//! epic and story, then the plan's own checks.
 
 pub(crate) mod duration;
 mod needs;
 #[cfg(test)]
 mod needs_tests;
+mod parse;
 mod scc;
 mod schedule;
 mod validate;
@@ -80,7 +83,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use uuid::Uuid;
-use validate::{RawPlan, problem_from_toml, validate};
+use validate::validate;
 
 /// A validated plan: a run's name and title, its epics, and their stories, in file order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -257,11 +260,10 @@ impl Plan {
     /// ```
     pub fn parse(text: &str, file: impl AsRef<Path>) -> Result<Plan, PlanError> {
         let file = file.as_ref().to_owned();
-        let raw: RawPlan = toml::from_str(text).map_err(|e| PlanError::Invalid {
-            file: file.clone(),
-            problems: vec![problem_from_toml(text, &e)],
-        })?;
         let mut problems = Vec::new();
+        let Some(raw) = parse::parse_raw(text, &mut problems) else {
+            return Err(PlanError::Invalid { file, problems });
+        };
         let plan = validate(text, raw, &mut problems);
         if problems.is_empty() {
             Ok(plan)
@@ -491,6 +493,46 @@ key = "a"
 
         let got = problems("name = \"p\n");
         assert!(got[0].starts_with("1:"), "{got:?}");
+    }
+
+    #[test]
+    fn every_toml_problem_is_reported_with_its_indexed_path_and_a_repeated_key_by_name() {
+        let text = "name = \"p\"\n[[epics]]\nkey = \"a\"\n[[epics.stories]]\nkey = \"x\"\n\
+                    comand = \"true\"\n[[epics.stories]]\ncommand = \"true\"\n[[epics]]\n\
+                    key = \"b\"\npriority = \"high\"\n[[epics.stories]]\nkey = \"y\"\n\
+                    command = \"true\"\nmax_attempts = \"two\"\n";
+        let got = problems(text);
+        assert_eq!(got.len(), 4, "every problem, not the first: {got:?}");
+        assert!(
+            got[0].starts_with("6:1: epics[0].stories[0].comand: unknown field `comand`"),
+            "{got:?}"
+        );
+        assert!(
+            got[1].starts_with("7:1: epics[0].stories[1].key: missing field `key`"),
+            "{got:?}"
+        );
+        assert!(
+            got[2].starts_with("11:12: epics[1].priority: invalid type"),
+            "{got:?}"
+        );
+        assert!(
+            got[3].starts_with("15:16: epics[1].stories[0].max_attempts: invalid type"),
+            "{got:?}"
+        );
+
+        let got = problems(
+            "name = \"p\"\n[[epics]]\nkey = \"a\"\n[[epics.stories]]\nkey = \"x\"\n\
+             command = \"true\"\ncommand = \"false\"\n[[epics]]\nkey = \"b\"\ntitle = \"x\n",
+        );
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(
+            got[0],
+            "7:1: epics[0].stories[0].command: duplicate key `command`"
+        );
+        assert!(
+            got[1].starts_with("10:11: epics[1]: invalid basic string"),
+            "{got:?}"
+        );
     }
 
     #[test]

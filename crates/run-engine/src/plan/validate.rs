@@ -29,7 +29,7 @@ pub(super) struct RawPlan {
     #[serde(default)]
     limits: std::collections::BTreeMap<String, Spanned<i64>>,
     #[serde(default)]
-    epics: Vec<RawEpic>,
+    pub(super) epics: Vec<RawEpic>,
 }
 
 /// `[defaults]`: what a story has unless it says otherwise.
@@ -48,7 +48,7 @@ pub(super) struct RawEpic {
     needs: Option<Vec<Spanned<String>>>,
     priority: Option<Spanned<i64>>,
     #[serde(default)]
-    stories: Vec<RawStory>,
+    pub(super) stories: Vec<RawStory>,
 }
 
 #[derive(Deserialize)]
