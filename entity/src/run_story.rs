@@ -40,6 +40,12 @@ pub struct Model {
     pub priority: i32,
     #[sea_orm(column_type = "Text", nullable)]
     pub limit_keys: Option<String>,
+    #[sea_orm(column_type = "Text", nullable)]
+    pub env: Option<String>,
+    #[sea_orm(column_type = "Text", nullable)]
+    pub work_dir: Option<String>,
+    #[sea_orm(column_type = "Text", nullable)]
+    pub payload: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

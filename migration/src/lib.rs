@@ -23,6 +23,7 @@ mod m20261201_000010_add_wakeups;
 mod m20261201_000011_sqlite_log_head_follows;
 mod m20261201_000012_wakeup_triggers_when;
 mod m20261206_000013_add_retries;
+mod m20261206_000014_add_story_inputs;
 pub mod schema_types;
 
 pub use lock::{MigrationLockError, apply, fresh, rollback, status, with_migration_lock};
@@ -50,6 +51,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261201_000011_sqlite_log_head_follows::Migration),
             Box::new(m20261201_000012_wakeup_triggers_when::Migration),
             Box::new(m20261206_000013_add_retries::Migration),
+            Box::new(m20261206_000014_add_story_inputs::Migration),
         ]
     }
 }
@@ -204,6 +206,12 @@ pub mod idens {
         Priority,
         /// The limits it holds while it runs: names, sorted, comma-separated.
         LimitKeys,
+        /// Environment variables for the story's command (JSON object), none when NULL.
+        Env,
+        /// The story's working directory, none when NULL.
+        WorkDir,
+        /// Free-form input for the story's handler (JSON), none when NULL.
+        Payload,
     }
 
     /// The `run_limit` table: a named limit on how many stories holding it run at once,

@@ -17,7 +17,7 @@ use sea_orm_migration::sea_query::{Iden, IntoIden, Query, SimpleExpr};
 use std::collections::BTreeSet;
 
 /// The number of migrations in [`Migrator`].
-const MIGRATIONS: usize = 13;
+const MIGRATIONS: usize = 14;
 
 /// The name an iden stands for, e.g. `run_epic`.
 fn name(iden: impl Iden) -> String {
@@ -102,6 +102,13 @@ fn added_by(k: usize) -> (Vec<String>, Vec<(String, String)>) {
                 (name(Run::Table), name(Run::Retries)),
                 (name(RunEpic::Table), name(RunEpic::Retries)),
             ],
+        ),
+        13 => (
+            vec![],
+            [RunStory::Env, RunStory::WorkDir, RunStory::Payload]
+                .into_iter()
+                .map(|c| (name(RunStory::Table), name(c)))
+                .collect(),
         ),
         _ => unreachable!("there are {MIGRATIONS} migrations"),
     }
@@ -547,6 +554,9 @@ each_backend!(
                     retry_delay: Set(None),
                     priority: Set(0),
                     limit_keys: Set(None),
+                    env: Set(Some("{\"A\":\"1\"}".into())),
+                    work_dir: Set(Some("build".into())),
+                    payload: Set(Some("[1,2]".into())),
                 }
                 .insert(&t.db)
                 .await

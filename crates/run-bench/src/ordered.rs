@@ -68,6 +68,9 @@ fn story(key: String, needs: Vec<PlanStoryRef>) -> PlanStory {
         retry: None,
         priority: 0,
         limits: Vec::new(),
+        env: Default::default(),
+        dir: None,
+        payload: None,
     }
 }
 

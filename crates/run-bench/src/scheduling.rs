@@ -59,6 +59,9 @@ fn story(i: usize, limits: Vec<String>, retry: Option<RetryDelay>) -> PlanStory 
         retry,
         priority: 0,
         limits,
+        env: Default::default(),
+        dir: None,
+        payload: None,
     }
 }
 

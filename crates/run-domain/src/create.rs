@@ -36,7 +36,7 @@ pub struct NewEpic {
 
 /// A story to create within an epic. Fields other than the key, title and position have
 /// defaults (`..Default::default()`): no command, one attempt, no timeout, no retry delay,
-/// priority 0, no limits.
+/// priority 0, no limits, no environment, directory or payload.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct NewStory {
     /// Key, unique within the epic.
@@ -57,6 +57,12 @@ pub struct NewStory {
     pub priority: i32,
     /// The names of the limits it holds while it runs (each must exist: [`crate::define_limit`]).
     pub limits: Vec<String>,
+    /// Environment variables for its command (stored as a JSON object; none when empty).
+    pub env: std::collections::BTreeMap<String, String>,
+    /// The directory its command runs in (none: the executor's).
+    pub dir: Option<String>,
+    /// Free-form input for its handler, stored as JSON text as given.
+    pub payload: Option<serde_json::Value>,
 }
 
 /// Creates a run (status pending, version 1) and its empty log.
@@ -209,6 +215,10 @@ where
             retry_delay: Set(story.retry_delay.map(|r| r.to_column())),
             priority: Set(story.priority),
             limit_keys: Set(limit_keys),
+            env: Set((!story.env.is_empty())
+                .then(|| serde_json::to_string(&story.env).unwrap_or_default())),
+            work_dir: Set(story.dir),
+            payload: Set(story.payload.map(|p| p.to_string())),
         });
         if rows.len() == CHUNK {
             run_story::Entity::insert_many(std::mem::take(&mut rows))

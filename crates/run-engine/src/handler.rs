@@ -62,6 +62,56 @@ impl StoryContext {
     pub fn run_id(&self) -> Uuid {
         self.story.run_id
     }
+
+    /// The story's free-form input (the plan's `payload`, or [`run_domain::NewStory::payload`]),
+    /// parsed from the JSON stored with it; `None` when it has none.
+    ///
+    /// ```
+    /// # fn demo(ctx: &run_engine::StoryContext) {
+    /// let jobs = ctx.payload().and_then(|p| p["jobs"].as_u64()).unwrap_or(1);
+    /// # }
+    /// ```
+    pub fn payload(&self) -> Option<serde_json::Value> {
+        self.story
+            .payload
+            .as_deref()
+            .and_then(|p| serde_json::from_str(p).ok())
+    }
+
+    /// The story's payload deserialized into `T`, or why it could not be: for handlers that
+    /// know the shape of their input.
+    ///
+    /// ```
+    /// #[derive(serde::Deserialize)]
+    /// struct Input { target: String }
+    /// # fn demo(ctx: &run_engine::StoryContext) -> Result<(), serde_json::Error> {
+    /// let input: Option<Input> = ctx.payload_as()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn payload_as<T: serde::de::DeserializeOwned>(
+        &self,
+    ) -> Result<Option<T>, serde_json::Error> {
+        self.story
+            .payload
+            .as_deref()
+            .map(serde_json::from_str)
+            .transpose()
+    }
+
+    /// The environment variables the story asks for (the plan's `env` over `[defaults] env`);
+    /// empty when none.
+    pub fn env(&self) -> std::collections::BTreeMap<String, String> {
+        self.story
+            .env
+            .as_deref()
+            .and_then(|e| serde_json::from_str(e).ok())
+            .unwrap_or_default()
+    }
+
+    /// The directory the story asks to run in (the plan's `dir`), if any.
+    pub fn dir(&self) -> Option<&std::path::Path> {
+        self.story.work_dir.as_deref().map(std::path::Path::new)
+    }
 }
 
 /// How an attempt ended.

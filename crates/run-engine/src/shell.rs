@@ -31,7 +31,9 @@ const STDERR_TAIL_LINES: usize = 3;
 ///   lines of standard error as its error.
 /// - On cancellation, or when the handler is dropped, the whole process group is killed.
 /// - The command sees `RUN_ENGINE_RUN_ID`, `RUN_ENGINE_EPIC`, `RUN_ENGINE_STORY`,
-///   `RUN_ENGINE_ATTEMPT` and `RUN_ENGINE_WORKER` in its environment.
+///   `RUN_ENGINE_ATTEMPT` and `RUN_ENGINE_WORKER` in its environment, and the story's own
+///   variables (the plan's `env`); it runs in the story's `dir` when it has one (relative to
+///   [`ShellHandler::working_dir`], else to the process's working directory).
 ///
 /// ```no_run
 /// use run_engine::{Executor, ExecutorConfig, ShellHandler};
@@ -153,7 +155,20 @@ impl StoryHandler for ShellHandler {
             .env("RUN_ENGINE_STORY", &ctx.story.key)
             .env("RUN_ENGINE_ATTEMPT", ctx.attempt.to_string())
             .env("RUN_ENGINE_WORKER", &ctx.worker_id);
-        if let Some(dir) = &self.working_dir {
+        // The story's own variables over the executor's, and its directory relative to the
+        // handler's (or the process's) working directory.
+        cmd.envs(ctx.env());
+        let dir = match (ctx.dir(), &self.working_dir) {
+            (Some(own), Some(base)) => Some(base.join(own)),
+            (Some(own), None) => Some(own.to_path_buf()),
+            (None, base) => base.clone(),
+        };
+        if let Some(dir) = &dir {
+            if !dir.is_dir() {
+                return StoryOutcome::Failed {
+                    error: format!("the story's directory {} does not exist", dir.display()),
+                };
+            }
             cmd.current_dir(dir);
         }
         let mut child = match cmd.spawn() {

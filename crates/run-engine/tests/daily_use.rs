@@ -243,3 +243,55 @@ fn a_server_that_does_not_listen_is_named_in_one_line_as_xtask_names_it() {
          cannot be reached: connection refused (is the server running and listening on port 9?)"
     );
 }
+
+each_backend! {
+    /// A story's `env` (over `[defaults] env`) and `dir` (over `[defaults] dir`, relative to the
+    /// executor's working directory) reach its command; a directory that is not there fails the
+    /// story saying so; a `payload` is stored as JSON.
+    async fn stories_get_their_env_dir_and_payload(t) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::create_dir_all(dir.path().join("work/sub")).expect("dirs");
+        std::fs::create_dir_all(dir.path().join("work/other")).expect("dirs");
+        let plan = dir.path().join("inputs.toml");
+        std::fs::write(
+            &plan,
+            "name = \"inputs\"\n[defaults]\nenv = { A = \"1\", B = \"2\" }\ndir = \"work/sub\"\n\
+             [[epics]]\nkey = \"e\"\n\
+             [[epics.stories]]\nkey = \"defaults\"\ncommand = 'echo \"got $A$B in $(basename \"$PWD\")\"'\n\
+             [[epics.stories]]\nkey = \"own\"\nenv = { B = \"3\", C = \"x y\" }\ndir = \"work/other\"\n\
+             command = 'echo \"got $A$B$C in $(basename \"$PWD\")\"'\n\
+             payload = { width = 640, tags = [\"a\", \"b\"] }\n\
+             [[epics.stories]]\nkey = \"lost\"\ndir = \"work/nowhere\"\ncommand = \"true\"\n",
+        )
+        .expect("write plan");
+        let run_id = create(&t.url, &plan).to_string();
+        let out = Command::new(common::bin())
+            .args(["--database-url", &t.url, "exec", &run_id])
+            .current_dir(dir.path())
+            .env_remove("DATABASE_URL")
+            .env("A", "from the executor")
+            .output()
+            .expect("run exec");
+        assert!(!out.status.success(), "the story in a missing directory fails the run");
+        let (_, logs, _) = cli(&t.url, &["logs", &run_id]);
+        assert!(logs.contains("[e/defaults] got 12 in sub"), "{logs}");
+        assert!(logs.contains("[e/own] got 13x y in other"), "{logs}");
+        let (_, json, _) = cli(&t.url, &["status", &run_id, "--json"]);
+        let json: serde_json::Value = serde_json::from_str(&json).expect("json");
+        let lost = &json["epics"][0]["stories"][2];
+        assert_eq!(lost["status"], "failed");
+        assert!(
+            lost["error"].as_str().is_some_and(|e| e.contains("work/nowhere does not exist")),
+            "{lost}"
+        );
+        let db = t.reconnect().await;
+        let own = common::stories(&db, run_id.parse().expect("uuid"))
+            .await
+            .into_iter()
+            .find(|s| s.key == "own")
+            .expect("story own");
+        let payload: serde_json::Value =
+            serde_json::from_str(own.payload.as_deref().expect("a payload")).expect("JSON");
+        assert_eq!(payload, serde_json::json!({"width": 640, "tags": ["a", "b"]}));
+    }
+}

@@ -589,6 +589,9 @@ mod tests {
             retry_delay: None,
             priority: 0,
             limit_keys: None,
+            env: None,
+            work_dir: None,
+            payload: None,
         };
         let fail = Release::Failed {
             error: "boom".into(),

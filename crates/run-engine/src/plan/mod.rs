@@ -7,6 +7,8 @@
 //!
 //! [defaults]                  # optional: what every story has unless it says otherwise
 //! timeout = "30m"             # how long one attempt may run (humantime: 90s, 1h 30m)
+//! env = { CI = "1" }         # environment every story's command gets
+//! dir = "build"               # where every story's command runs, unless it says otherwise
 //! retry = { delay = "10s", backoff = "exponential", max_delay = "10m" }
 //!                             # wait before retrying a failed attempt (backoff: exponential,
 //!                             # the default, or constant; jitter = true adds up to 25%)
@@ -29,6 +31,10 @@
 //! retry = { delay = "1s" }    # optional, else [defaults] retry, else retried at once
 //! priority = 10               # optional, else the epic's: higher is claimed first
 //! limits = ["llm"]            # optional: holds a slot of each while it runs
+//! env = { PROFILE = "release" }   # optional: environment of the command, over [defaults] env
+//! dir = "crates/app"          # optional, else [defaults] dir: where the command runs
+//!                             # (relative to the executor's working directory)
+//! payload = { target = "x86_64", jobs = 4 }   # optional: any value, JSON for a Rust handler
 //!
 //! [[epics]]
 //! key = "test"
@@ -61,6 +67,7 @@
 //! epic and story, then the plan's own checks.
 
 pub(crate) mod duration;
+mod inputs;
 mod needs;
 #[cfg(test)]
 mod needs_tests;
@@ -139,6 +146,14 @@ pub struct PlanStory {
     pub priority: i32,
     /// The limits it holds while it runs (each declared in `[limits]`, at most once).
     pub limits: Vec<String>,
+    /// Environment variables for its command (`env`, over `[defaults] env`).
+    pub env: std::collections::BTreeMap<String, String>,
+    /// The directory its command runs in (`dir`, else `[defaults] dir`; relative to the
+    /// executing process's working directory; none: that directory).
+    pub dir: Option<String>,
+    /// Free-form input for a Rust handler (`payload`, any TOML value, as JSON), read from
+    /// [`crate::StoryContext::payload`].
+    pub payload: Option<serde_json::Value>,
 }
 
 /// A story named by its epic's key and its own key, as a resolved `needs` entry; shown as
@@ -340,6 +355,9 @@ where
                 timeout: s.timeout,
                 retry_delay: s.retry,
                 priority: s.priority,
+                env: s.env.clone(),
+                dir: s.dir.clone(),
+                payload: s.payload.clone(),
                 limits: s.limits.clone(),
             })
             .collect();
@@ -531,6 +549,39 @@ key = "a"
         );
         assert!(
             got[1].starts_with("10:11: epics[1]: invalid basic string"),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn env_and_dir_are_checked_and_follow_the_defaults() {
+        let plan = Plan::parse(
+            "name = 'p'\n[defaults]\nenv = { A = '1', B = '2' }\ndir = 'build'\n[[epics]]\nkey = 'e'\n\
+             [[epics.stories]]\nkey = 'x'\ncommand = 'true'\nenv = { B = '3' }\n\
+             [[epics.stories]]\nkey = 'y'\ncommand = 'true'\ndir = 'elsewhere'\npayload = 7\n",
+            "p.toml",
+        )
+        .expect("valid");
+        let [x, y] = &plan.epics[0].stories[..] else {
+            panic!("two stories")
+        };
+        assert_eq!(x.env.get("A").map(String::as_str), Some("1"));
+        assert_eq!(x.env.get("B").map(String::as_str), Some("3"));
+        assert_eq!(x.dir.as_deref(), Some("build"));
+        assert_eq!(y.dir.as_deref(), Some("elsewhere"));
+        assert_eq!(y.payload, Some(serde_json::json!(7)));
+
+        let got = problems(
+            "name = 'p'\n[[epics]]\nkey = 'e'\n[[epics.stories]]\nkey = 'x'\ncommand = 'true'\n\
+             env = { 'A=B' = '1' }\ndir = ''\n",
+        );
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(
+            got[0].contains("epics[0].stories[0].env.A=B: \"A=B\" cannot be the name"),
+            "{got:?}"
+        );
+        assert!(
+            got[1].contains("epics[0].stories[0].dir: the directory is empty"),
             "{got:?}"
         );
     }

@@ -1,6 +1,7 @@
 //! Checking a plan: every problem at once, each with its line, column and field.
 
 use super::duration::duration;
+use super::inputs::{RawEnv, default_env, dir_of, env_of, json_of};
 use super::needs::{RawNeeds, check_needs};
 use super::schedule::{RawRetry, declared_limits, priority, retry_delay, story_limits};
 use super::{Plan, PlanEpic, PlanProblem, PlanStory};
@@ -38,6 +39,8 @@ pub(super) struct RawPlan {
 pub(super) struct RawDefaults {
     timeout: Option<Spanned<String>>,
     retry: Option<RawRetry>,
+    env: Option<RawEnv>,
+    dir: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -63,6 +66,9 @@ pub(super) struct RawStory {
     retry: Option<RawRetry>,
     priority: Option<Spanned<i64>>,
     limits: Option<Vec<Spanned<String>>>,
+    env: Option<RawEnv>,
+    dir: Option<Spanned<String>>,
+    payload: Option<toml::Value>,
 }
 
 /// The 1-based line and column of byte `offset` in `text`.
@@ -236,14 +242,16 @@ pub(super) fn validate(text: &str, raw: RawPlan, problems: &mut Vec<PlanProblem>
     check_key(text, &raw.name, "name", "plan name", problems);
     let name = raw.name.get_ref().clone();
     let title = title_of(text, raw.title, &name, "title".into(), problems);
-    let (default_timeout, default_retry) = match raw.defaults {
+    let (default_timeout, default_retry, default_env, default_dir) = match raw.defaults {
         Some(d) => (
             d.timeout
                 .and_then(|t| duration(text, &t, "defaults.timeout".into(), problems)),
             d.retry
                 .and_then(|r| retry_delay(text, &r, "defaults.retry", problems)),
+            default_env(text, d.env, problems),
+            dir_of(text, d.dir, None, "defaults.dir".into(), problems),
         ),
-        None => (None, None),
+        None => (None, None, Default::default(), None),
     };
     let limits = declared_limits(text, raw.limits, problems);
     if raw.epics.is_empty() {
@@ -384,7 +392,24 @@ pub(super) fn validate(text: &str, raw: RawPlan, problems: &mut Vec<PlanProblem>
                 problems,
             );
             story_needs.push(story.needs.unwrap_or_default());
+            let env = env_of(
+                text,
+                story.env,
+                &default_env,
+                &format!("{sfield}.env"),
+                problems,
+            );
+            let dir = dir_of(
+                text,
+                story.dir,
+                default_dir.as_ref(),
+                format!("{sfield}.dir"),
+                problems,
+            );
             stories.push(PlanStory {
+                env,
+                dir,
+                payload: story.payload.map(json_of),
                 key: skey,
                 title: stitle,
                 command,
