@@ -1,6 +1,5 @@
 //! Connecting to a database with the right defaults for each backend.
 
-use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbErr};
 use std::time::Duration;
 
@@ -23,6 +22,17 @@ pub enum ConnectError {
         scheme: String,
         /// The URL, password redacted.
         url: String,
+    },
+    /// The URL names a backend this build leaves out (built without its cargo feature).
+    #[error(
+        "cannot connect to {url}: this build of run-engine has no {feature} driver (build it with \
+         the cargo feature `{feature}`, which is on by default)"
+    )]
+    NotBuiltIn {
+        /// The URL, password redacted.
+        url: String,
+        /// The cargo feature that brings the driver: `sqlite`, `postgres` or `mysql`.
+        feature: &'static str,
     },
     /// The URL could not be parsed.
     #[error("invalid database URL {url}: {reason}")]
@@ -150,9 +160,23 @@ async fn open(url: &str, pool_size: Option<u32>) -> Result<DatabaseConnection, C
     let mut opts = ConnectOptions::new(url.clone());
     opts.sqlx_logging(false)
         .acquire_timeout(Duration::from_secs(30));
+    // Whether the driver of `feature` is in this build.
+    let built_in = |feature: &'static str, on: bool| -> Result<(), ConnectError> {
+        if on {
+            Ok(())
+        } else {
+            Err(ConnectError::NotBuiltIn {
+                url: redacted.clone(),
+                feature,
+            })
+        }
+    };
     let default_size = match scheme.as_str() {
         "sqlite" => {
+            built_in("sqlite", cfg!(feature = "sqlite"))?;
+            #[cfg(feature = "sqlite")]
             opts.map_sqlx_sqlite_opts(|o| {
+                use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
                 o.journal_mode(SqliteJournalMode::Wal)
                     .synchronous(SqliteSynchronous::Normal)
                     .foreign_keys(true)
@@ -161,7 +185,14 @@ async fn open(url: &str, pool_size: Option<u32>) -> Result<DatabaseConnection, C
             let in_memory = url.contains(":memory:") || url.contains("mode=memory");
             if in_memory { 1 } else { 8 }
         }
-        "postgres" | "postgresql" | "mysql" => 16,
+        "postgres" | "postgresql" => {
+            built_in("postgres", cfg!(feature = "postgres"))?;
+            16
+        }
+        "mysql" => {
+            built_in("mysql", cfg!(feature = "mysql"))?;
+            16
+        }
         other => {
             return Err(ConnectError::UnsupportedScheme {
                 scheme: other.to_owned(),

@@ -14,6 +14,11 @@
 //! - [`connection`]: [`connect`] with the right defaults per backend.
 //! - [`reach`]: probing the server first, and one sentence for why a connection failed ([`describe`]).
 
+#[cfg(not(any(feature = "sqlite", feature = "postgres", feature = "mysql")))]
+compile_error!(
+    "run-domain needs at least one backend: the cargo feature sqlite, postgres or mysql"
+);
+
 pub mod batch;
 pub mod connection;
 pub mod create;

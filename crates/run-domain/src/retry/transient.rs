@@ -79,9 +79,12 @@ pub fn is_transient(err: &DbErr) -> bool {
                 E::Database(db) => {
                     // MariaDB reports a lock-wait timeout (1205) under the catch-all SQLSTATE
                     // HY000: only its error number tells it apart.
+                    #[cfg(feature = "mysql")]
                     let mysql_number = db
                         .try_downcast_ref::<sea_orm::sqlx::mysql::MySqlDatabaseError>()
                         .map(|e| e.number());
+                    #[cfg(not(feature = "mysql"))]
+                    let mysql_number: Option<u16> = None;
                     mysql_number.is_some_and(transient_mysql_number)
                         || db.code().is_some_and(|code| transient_code(&code))
                 }

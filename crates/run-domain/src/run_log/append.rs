@@ -213,6 +213,7 @@ where
             && messages.iter().map(|m| m.as_ref().len()).sum::<usize>() <= FAST_PATH_MAX_BYTES
     };
     let one_statement = match backend {
+        #[cfg(feature = "postgres")]
         DbBackend::Postgres if fits(usize::MAX) => {
             append_in_one_statement(db, run_id, batch_id, messages).await?
         }
@@ -338,6 +339,7 @@ pub(super) const FAST_PATH_MAX_BYTES: usize = 4 << 20;
 /// out the numbers; `clock_timestamp()` is read there, after the lock, so timestamps follow
 /// `seq`. Returns `None` when the run has no head row (then the general path decides between
 /// creating one and `RunNotFound`).
+#[cfg(feature = "postgres")]
 pub(super) async fn append_in_one_statement<C, S>(
     db: &C,
     run_id: Uuid,

@@ -59,6 +59,7 @@ impl Execution {
         self.wake.send_modify(|n| *n = n.wrapping_add(1));
     }
     /// Forgets every limit a claim found full (a slot was freed somewhere).
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(super) fn forget_full_limits(&self) {
         if let Ok(mut full) = self.full_limits.lock() {
             full.clear();

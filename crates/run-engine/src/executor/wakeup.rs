@@ -5,21 +5,34 @@
 //! lost connection is opened again (and listens again); meanwhile the poll finds the work, so
 //! a missed notification only delays it.
 
+#[cfg(feature = "postgres")]
 use super::event::ExecutorEvent;
 use super::execution::Execution;
+#[cfg(feature = "postgres")]
 use run_domain::retry::backoff;
+#[cfg(feature = "postgres")]
 use sea_orm::DbBackend;
+#[cfg(feature = "postgres")]
 use sea_orm::sqlx::postgres::PgListener;
 use std::sync::Arc;
+#[cfg(feature = "postgres")]
 use std::sync::atomic::Ordering;
 
 /// The channel the triggers notify on.
 pub const WAKE_CHANNEL: &str = migration::WAKE_CHANNEL;
 
 /// The payload of a notification that a limit's slot is free (any run may use it).
+#[cfg(feature = "postgres")]
 const LIMITS: &str = "limits";
 
+/// Without the PostgreSQL driver there is nothing to listen to: idle workers poll.
+#[cfg(not(feature = "postgres"))]
+pub(super) async fn listen(execution: Arc<Execution>) {
+    drop(execution);
+}
+
 /// Listens until the execution ends (the task is aborted); returns at once off PostgreSQL.
+#[cfg(feature = "postgres")]
 pub(super) async fn listen(execution: Arc<Execution>) {
     let db = execution.db().clone();
     if db.get_database_backend() != DbBackend::Postgres {
@@ -77,6 +90,7 @@ pub(super) async fn listen(execution: Arc<Execution>) {
 }
 
 /// Tells of a lost listener (the first time in a row only: it is tried again quietly).
+#[cfg(feature = "postgres")]
 fn lost(execution: &Execution, failures: u32, why: &str) {
     execution
         .stats
