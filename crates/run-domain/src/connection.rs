@@ -348,6 +348,27 @@ fn redact_fields(text: &str) -> String {
 
 pub use crate::retry::is_transient;
 
+/// Begins a transaction that will write. On SQLite it takes the write lock at `BEGIN`
+/// (`BEGIN IMMEDIATE`): a deferred transaction that reads first would have to upgrade its read
+/// lock, which fails at once with "database is locked" instead of waiting for the other writer.
+/// Elsewhere it is a plain transaction.
+///
+/// ```no_run
+/// # async fn demo(db: &sea_orm::DatabaseConnection) -> Result<(), sea_orm::DbErr> {
+/// let tx = run_domain::begin_write(db).await?;
+/// // ... reads and writes ...
+/// sea_orm::TransactionSession::commit(tx).await?;
+/// # Ok(()) }
+/// ```
+pub async fn begin_write<C: sea_orm::TransactionTrait>(db: &C) -> Result<C::Transaction, DbErr> {
+    db.begin_with_options(sea_orm::TransactionOptions {
+        isolation_level: None,
+        access_mode: None,
+        sqlite_transaction_mode: Some(sea_orm::SqliteTransactionMode::Immediate),
+    })
+    .await
+}
+
 /// Connects to `url` like [`connect`], with a pool of at most `pool_size` connections instead
 /// of its default: every other setting (pragmas, timeouts, logging) is [`connect`]'s.
 ///

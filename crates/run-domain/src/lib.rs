@@ -34,8 +34,8 @@ pub mod schedule;
 pub mod versioned;
 
 pub use connection::{
-    ConnectError, DEFAULT_DATABASE_URL, SQLITE_BUSY_TIMEOUT, connect, is_transient, redact_text,
-    redact_url,
+    ConnectError, DEFAULT_DATABASE_URL, SQLITE_BUSY_TIMEOUT, begin_write, connect, is_transient,
+    redact_text, redact_url,
 };
 pub use create::{NewEpic, NewRun, NewStory, create_epic, create_run, create_stories};
 pub use error::{ConcurrencyError, CreateError, LimitError, LogError, TransitionError};

@@ -31,8 +31,8 @@ use chrono::Utc;
 use entity::{run, run_epic, run_story};
 use sea_orm::sea_query::{Expr, ExprTrait};
 use sea_orm::{
-    AccessMode, ColumnTrait, ConnectionTrait, DbBackend, DbErr, EntityTrait, PaginatorTrait,
-    QueryFilter, SqliteTransactionMode, TransactionOptions, TransactionSession, TransactionTrait,
+    ColumnTrait, ConnectionTrait, DbErr, EntityTrait, PaginatorTrait, QueryFilter,
+    TransactionSession, TransactionTrait,
 };
 use uuid::Uuid;
 
@@ -105,16 +105,9 @@ pub async fn reopen_run<C>(db: &C, run_id: Uuid) -> Result<Reopened, ReopenError
 where
     C: ConnectionTrait + TransactionTrait,
 {
-    let backend = db.get_database_backend();
     // SQLite: take the write lock at BEGIN, so that no other writer slips in between the
     // checks and the writes.
-    let tx = db
-        .begin_with_options(TransactionOptions {
-            isolation_level: None,
-            access_mode: Some(AccessMode::ReadWrite).filter(|_| backend != DbBackend::Sqlite),
-            sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
-        })
-        .await?;
+    let tx = crate::begin_write(db).await?;
     let now = match run::Entity::find_versioned(&tx, run_id).await {
         Ok(run) => run,
         Err(ConcurrencyError::NotFound { .. }) => return Err(ReopenError::RunNotFound { run_id }),

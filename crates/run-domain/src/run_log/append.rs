@@ -9,8 +9,7 @@ use entity::{run, run_log, run_log_head};
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, Query};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, QueryFilter,
-    QueryOrder, QuerySelect, SqliteTransactionMode, TransactionOptions, TransactionSession,
-    TransactionTrait,
+    QueryOrder, QuerySelect, TransactionSession, TransactionTrait,
 };
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::time::Duration;
@@ -225,15 +224,8 @@ where
     if let Some(receipt) = one_statement {
         return Ok(receipt);
     }
-    // SQLite: take the write lock at BEGIN, so the transaction never has to upgrade a read lock
-    // (which fails at once with "database is locked" instead of waiting).
-    let tx = db
-        .begin_with_options(TransactionOptions {
-            isolation_level: None,
-            access_mode: None,
-            sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
-        })
-        .await?;
+    // SQLite: take the write lock at BEGIN, so the transaction never has to upgrade a read lock.
+    let tx = crate::begin_write(db).await?;
 
     let last = match reserve(&tx, run_id, n).await? {
         Some(last) => last,

@@ -82,10 +82,7 @@ use run_domain::{
     EpicNeed, NewEpic, NewRun, NewStory, StoryNeed, create_epic, create_needs, create_run,
     create_stories,
 };
-use sea_orm::{
-    AccessMode, ConnectionTrait, DbBackend, SqliteTransactionMode, TransactionOptions,
-    TransactionSession, TransactionTrait,
-};
+use sea_orm::{ConnectionTrait, TransactionSession, TransactionTrait};
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -307,16 +304,9 @@ pub async fn create_run_from_plan<C>(db: &C, plan: &Plan) -> Result<run::Model, 
 where
     C: ConnectionTrait + TransactionTrait,
 {
-    let backend = db.get_database_backend();
     // SQLite: take the write lock at BEGIN; a deferred transaction that reads first (as
     // create_epic does) would fail at once instead of waiting when another writer holds it.
-    let tx = db
-        .begin_with_options(TransactionOptions {
-            isolation_level: None,
-            access_mode: Some(AccessMode::ReadWrite).filter(|_| backend != DbBackend::Sqlite),
-            sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
-        })
-        .await?;
+    let tx = run_domain::begin_write(db).await?;
     let run = create_run(
         &tx,
         NewRun {
