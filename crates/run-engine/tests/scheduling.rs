@@ -411,7 +411,8 @@ each_backend! {
         let (status, stdout, stderr) = cli(&t.url, &["cancel", &id, "--story", "e.slow"]);
         assert!(status.success(), "{stderr}");
         assert!(stdout.contains("story e.slow cancelled"), "{stdout}");
-        assert!(stdout.contains("skipped after") && stdout.contains("skipped later"), "{stdout}");
+        // The dependents are skipped by whoever gets there first: this command, or the worker
+        // that finds its story cancelled (on a loaded machine it may win); checked below.
         let status = exec.wait(Duration::from_secs(60)).await;
         assert_eq!(status.code(), Some(1), "the run did not complete: {}", exec.stderr_text());
         let by_key = |key: &'static str| {
