@@ -40,7 +40,7 @@ pub(crate) const LOG_PAGE: u64 = 1000;
 #[command(
     name = "run-engine",
     version,
-    about = "Create, execute, follow, pause and cancel runs of plans; share concurrency limits across processes; prune finished runs",
+    about = "Create, execute, list, follow, pause, cancel and retry runs of plans; share concurrency limits across processes; prune finished runs",
     after_help = "The database is --database-url, else DATABASE_URL (also from a .env file), \
                   else the SQLite file run-engine.db in the working directory."
 )]
@@ -152,9 +152,11 @@ enum Command {
         #[arg(long, value_name = "EPIC.STORY")]
         story: Option<String>,
     },
-    /// Retry a failed or cancelled run: its failed, cancelled and skipped stories go back to
-    /// pending (no attempt made) so that `exec` runs them again; completed stories stay done.
-    /// Refused while the run executes
+    /// Retry a failed or cancelled run (then `exec` it)
+    ///
+    /// Its failed, cancelled and skipped stories go back to pending with no attempt made, so
+    /// that `exec` runs them again; completed stories stay done. Refused while the run executes
+    /// or while a story of it still runs
     Retry {
         /// The run's id
         run_id: Uuid,
