@@ -11,7 +11,8 @@
 //!   in a hidden field of each form) and that the browser does not mark as cross-site
 //!   (`Sec-Fetch-Site`, and `Origin` must be this server's); anything else gets 403.
 //! - **Every response** forbids inline scripts and framing (`Content-Security-Policy`,
-//!   `X-Frame-Options`), sniffing and referrers.
+//!   `X-Frame-Options`), sniffing, and referrers to other sites (`same-origin`: with
+//!   `no-referrer`, browsers send `Origin: null` on the forms' own POSTs).
 
 use super::{ServeConfig, WebError};
 use axum::extract::{Request, State};
@@ -221,7 +222,7 @@ pub(crate) async fn guard(
     );
     h.insert(
         header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
+        HeaderValue::from_static("same-origin"),
     );
     response
 }
