@@ -261,6 +261,7 @@ each_backend! {
         let run_id = create(&t.url, &write_plan(dir.path(), "waiting", WAITING));
         let serve = Serve::start(&t.url, dir.path(), &[]).await;
         let page = get(serve.port, &format!("/runs/{run_id}"));
+        assert!(page.body.contains("waits on e.first"), "{}", page.body);
         let csrf = csrf_of(&page.body);
         let pause = format!("/runs/{run_id}/pause");
         let form = format!("csrf={csrf}");
@@ -295,6 +296,8 @@ each_backend! {
         assert_eq!(status_of("first").as_deref(), Some("cancelled"));
         assert_eq!(status_of("second").as_deref(), Some("skipped"));
 
+        let page = get(serve.port, &format!("/runs/{run_id}"));
+        assert!(page.body.contains("class=\"skip-why\""), "why the story was skipped: {}", page.body);
         let missing = http(serve.port, "POST", &format!("/runs/{run_id}/stories/cancel"), &[("Origin", &origin)], &format!("{form}&story=e.nope"));
         assert!(missing.status == 404 || missing.status == 409, "{} {}", missing.status, missing.body);
 

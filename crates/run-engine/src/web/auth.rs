@@ -32,7 +32,14 @@ pub const MIN_TOKEN_LEN: usize = 16;
 pub fn check_config(config: &ServeConfig) -> Result<(), WebError> {
     match &config.token {
         None if !config.listen.ip().is_loopback() => Err(WebError::TokenRequired(config.listen)),
-        Some(token) if token.chars().count() < MIN_TOKEN_LEN => Err(WebError::WeakToken),
+        Some(token)
+            if token.len() < MIN_TOKEN_LEN
+                || !token
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-._~+/=".contains(c)) =>
+        {
+            Err(WebError::WeakToken)
+        }
         _ => Ok(()),
     }
 }
@@ -292,6 +299,11 @@ mod tests {
             ..public.clone()
         };
         assert!(matches!(check_config(&short), Err(WebError::WeakToken)));
+        let odd = ServeConfig {
+            token: Some("0123456789abcdef; x".into()),
+            ..public.clone()
+        };
+        assert!(matches!(check_config(&odd), Err(WebError::WeakToken)));
         let ok = ServeConfig {
             token: Some("0123456789abcdef".into()),
             ..public

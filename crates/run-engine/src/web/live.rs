@@ -60,23 +60,29 @@ impl RunWatchers {
     }
 
     /// The run's snapshots: the latest now, then each change. Starts the run's poller if none
-    /// runs. A run that does not exist is an error.
+    /// runs. With `fresh`, the tree is read now (a page opened just after an action shows it)
+    /// and handed to every page that watches the run; otherwise a watched run costs no query.
+    /// A run that does not exist is an error.
     pub async fn subscribe(
         self: &Arc<Self>,
         run_id: Uuid,
+        fresh: bool,
     ) -> Result<watch::Receiver<Arc<Snapshot>>, EngineError> {
-        if let Some(tx) = self.lock().get(&run_id) {
+        if !fresh && let Some(tx) = self.lock().get(&run_id) {
             return Ok(tx.subscribe());
         }
         self.polls
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let first = self.snapshot(load_run_tree(&self.db, run_id).await?);
+        let tree = load_run_tree(&self.db, run_id).await?;
         let mut runs = self.lock();
         if let Some(tx) = runs.get(&run_id) {
-            // Another page started it meanwhile.
+            // Watched already (or since): hand the fresh read to every page.
+            if tree != tx.borrow().tree {
+                tx.send_replace(self.snapshot(tree));
+            }
             return Ok(tx.subscribe());
         }
-        let (tx, rx) = watch::channel(first);
+        let (tx, rx) = watch::channel(self.snapshot(tree));
         let tx = Arc::new(tx);
         runs.insert(run_id, tx.clone());
         drop(runs);

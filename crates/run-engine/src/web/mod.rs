@@ -73,8 +73,10 @@ pub enum WebError {
          (bind 127.0.0.1 or [::1], or give a token every request must carry)"
     )]
     TokenRequired(SocketAddr),
-    /// A token too short to guess at.
-    #[error("the token is too short: use at least 16 characters")]
+    /// A token too short to guess at, or with characters a cookie cannot carry.
+    #[error(
+        "the token must be at least 16 characters, each a letter, a digit or one of - . _ ~ + / ="
+    )]
     WeakToken,
     /// The address could not be bound, or the server failed.
     #[error("cannot listen on {addr}: {source}")]

@@ -114,7 +114,7 @@ async fn runs(
 
 async fn run(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, PageError> {
     let id = run_id(&id)?;
-    let rx = state.runs.subscribe(id).await?;
+    let rx = state.runs.subscribe(id, true).await?;
     let snapshot = rx.borrow().clone();
     Ok(Html(pages::run_page(&snapshot.tree, &snapshot.html).into_string()).into_response())
 }
@@ -124,7 +124,7 @@ async fn run_events(
     Path(id): Path<String>,
 ) -> Result<Response, PageError> {
     let id = run_id(&id)?;
-    let rx = state.runs.subscribe(id).await?;
+    let rx = state.runs.subscribe(id, false).await?;
     let stream = tokio_stream::wrappers::WatchStream::new(rx).map(|snapshot| {
         // A carriage return would end an SSE line early.
         Ok::<_, Infallible>(
