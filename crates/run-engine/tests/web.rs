@@ -668,3 +668,67 @@ mod browser {
         }
     }
 }
+
+/// Opens a server-sent events stream; returns it once its headers came (status 200).
+fn open_stream(port: u16, path: &str) -> std::net::TcpStream {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAccept: text/event-stream\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).expect("send");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = stream.read(&mut byte).expect("read the headers");
+        assert_eq!(
+            n,
+            1,
+            "the stream closed: {}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("text/event-stream"), "{head}");
+    stream
+}
+
+fn stats(port: u16) -> serde_json::Value {
+    serde_json::from_str(&get(port, "/api/stats").body).expect("stats json")
+}
+
+each_backend! {
+    async fn fifty_open_run_pages_share_one_poller(t) {
+        let dir = tempfile::tempdir().expect("dir");
+        let run_id = create(&t.url, &write_plan(dir.path(), "waiting", WAITING));
+        let serve = Serve::start(&t.url, dir.path(), &[]).await;
+        let runs: Vec<_> = (0..50).map(|_| open_stream(serve.port, &format!("/runs/{run_id}/events"))).collect();
+        let logs: Vec<_> = (0..10).map(|_| open_stream(serve.port, &format!("/runs/{run_id}/log/events?after=0"))).collect();
+        let before = stats(serve.port);
+        assert_eq!(before["watched_runs"], 1, "{before}");
+        // A measurement window, not a synchronisation: count the reads made during it.
+        let window = Duration::from_secs(3);
+        let started = std::time::Instant::now();
+        tokio::time::sleep(window).await;
+        let after = stats(serve.port);
+        let secs = started.elapsed().as_secs_f64();
+        let tree_reads = after["tree_reads"].as_u64().expect("n") - before["tree_reads"].as_u64().expect("n");
+        let log_reads = after["log_reads"].as_u64().expect("n") - before["log_reads"].as_u64().expect("n");
+        eprintln!("50 run pages and 10 log pages over {secs:.1} s: {tree_reads} tree reads, {log_reads} log reads");
+        // One poller every 500 ms for the 50 pages (each read six queries); two reads a second
+        // per log page.
+        assert!(tree_reads as f64 <= secs * 2.0 + 2.0, "{tree_reads} tree reads in {secs:.1} s");
+        assert!(log_reads as f64 <= secs * 2.0 * 10.0 + 20.0, "{log_reads} log reads in {secs:.1} s");
+        drop(runs);
+        drop(logs);
+        // With no page left, the poller stops.
+        wait_for("the poller to stop", Duration::from_secs(10), || async {
+            stats(serve.port)["watched_runs"] == 0
+        })
+        .await;
+    }
+}

@@ -17,6 +17,7 @@ use crate::status::{RunTree, load_run_tree};
 use run_domain::{LogCursor, read_run_log_after};
 use sea_orm::DatabaseConnection;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -30,28 +31,53 @@ pub struct Snapshot {
     pub html: String,
 }
 
+/// What the server has asked of the database, for `/api/stats`.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Reads of a run's tree (each five or six queries).
+    pub tree_reads: AtomicU64,
+    /// Reads of a page of log lines (one query each).
+    pub log_reads: AtomicU64,
+}
+
+/// The counters as JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct StatsView {
+    /// Reads of a run's tree (each five or six queries) since the server started.
+    pub tree_reads: u64,
+    /// Reads of a page of log lines (one query each) since the server started.
+    pub log_reads: u64,
+    /// Runs watched now (one poller each).
+    pub watched_runs: u64,
+}
+
 /// The pollers of watched runs, one per run.
 pub struct RunWatchers {
     db: DatabaseConnection,
     csrf: String,
     runs: Mutex<HashMap<Uuid, Arc<watch::Sender<Arc<Snapshot>>>>>,
-    polls: std::sync::atomic::AtomicU64,
+    stats: Arc<Stats>,
 }
 
 impl RunWatchers {
-    /// No run watched yet; sections are rendered with forms carrying `csrf`.
-    pub fn new(db: DatabaseConnection, csrf: String) -> RunWatchers {
+    /// No run watched yet; sections are rendered with forms carrying `csrf`; reads are counted
+    /// in `stats`.
+    pub fn new(db: DatabaseConnection, csrf: String, stats: Arc<Stats>) -> RunWatchers {
         RunWatchers {
             db,
             csrf,
             runs: Mutex::new(HashMap::new()),
-            polls: std::sync::atomic::AtomicU64::new(0),
+            stats,
         }
     }
 
-    /// How many times a poller has read a tree since the server started.
-    pub fn polls(&self) -> u64 {
-        self.polls.load(std::sync::atomic::Ordering::Relaxed)
+    /// The counters now.
+    pub fn stats(&self) -> StatsView {
+        StatsView {
+            tree_reads: self.stats.tree_reads.load(Ordering::Relaxed),
+            log_reads: self.stats.log_reads.load(Ordering::Relaxed),
+            watched_runs: self.lock().len() as u64,
+        }
     }
 
     fn snapshot(&self, tree: RunTree) -> Arc<Snapshot> {
@@ -71,8 +97,7 @@ impl RunWatchers {
         if !fresh && let Some(tx) = self.lock().get(&run_id) {
             return Ok(tx.subscribe());
         }
-        self.polls
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.stats.tree_reads.fetch_add(1, Ordering::Relaxed);
         let tree = load_run_tree(&self.db, run_id).await?;
         let mut runs = self.lock();
         if let Some(tx) = runs.get(&run_id) {
@@ -112,8 +137,7 @@ impl RunWatchers {
                     return;
                 }
             }
-            self.polls
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.stats.tree_reads.fetch_add(1, Ordering::Relaxed);
             match load_run_tree(&self.db, run_id).await {
                 Ok(tree) => {
                     if tree != tx.borrow().tree {
@@ -262,14 +286,16 @@ pub fn log_lines(
     run_id: Uuid,
     cursor: LogCursor,
     filter: Option<StoryFilter>,
+    stats: Arc<Stats>,
 ) -> impl futures_util::Stream<Item = (Vec<Line>, LogCursor)> + Send + 'static {
     futures_util::stream::unfold(
-        (db, cursor, filter, false),
-        move |(db, mut cursor, filter, mut wait)| async move {
+        (db, cursor, filter, false, stats),
+        move |(db, mut cursor, filter, mut wait, stats)| async move {
             loop {
                 if wait {
                     tokio::time::sleep(LOG_POLL).await;
                 }
+                stats.log_reads.fetch_add(1, Ordering::Relaxed);
                 let page = match read_run_log_after(&db, run_id, cursor, LOG_PAGE).await {
                     Ok(page) => page,
                     Err(e) => {
@@ -289,11 +315,11 @@ pub fn log_lines(
                     .map(Line::from_entry)
                     .collect();
                 if !lines.is_empty() {
-                    return Some(((lines, cursor), (db, cursor, filter, wait)));
+                    return Some(((lines, cursor), (db, cursor, filter, wait, stats)));
                 }
                 if moved && !full {
                     // Lines the filter dropped: say where the cursor is, for a reconnect.
-                    return Some(((Vec::new(), cursor), (db, cursor, filter, wait)));
+                    return Some(((Vec::new(), cursor), (db, cursor, filter, wait, stats)));
                 }
             }
         },

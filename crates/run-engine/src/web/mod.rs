@@ -11,6 +11,7 @@
 //!   (`?before=SEQ`). It is read in pages from a cursor: no log is ever held whole in memory.
 //! - `/api/runs/<id>`: the [`RunTree`](crate::RunTree) as JSON, exactly what
 //!   `run-engine status --json` prints.
+//! - `/api/stats`: what the server has asked of the database so far ([`live::StatsView`]).
 //!
 //! Every page reads the same view model as `status` ([`crate::load_run_tree`]); every text from
 //! the database goes through the template's escaping ([`maud`]), and ANSI colour in log lines
@@ -94,6 +95,7 @@ pub(crate) struct AppState {
     pub(crate) db: DatabaseConnection,
     pub(crate) security: Arc<auth::Security>,
     pub(crate) runs: Arc<live::RunWatchers>,
+    pub(crate) stats: Arc<live::Stats>,
 }
 
 /// Checks `config` (a non-loopback address needs a token) and binds it.
@@ -110,11 +112,14 @@ pub async fn bind(config: &ServeConfig) -> Result<tokio::net::TcpListener, WebEr
 /// The application: every route, with the security layer.
 pub fn router(db: DatabaseConnection, config: &ServeConfig, listen: SocketAddr) -> axum::Router {
     let security = Arc::new(auth::Security::new(config.token.clone(), listen));
+    let stats = Arc::new(live::Stats::default());
     let state = AppState {
         runs: Arc::new(live::RunWatchers::new(
             db.clone(),
             security.csrf().to_owned(),
+            stats.clone(),
         )),
+        stats,
         db,
         security,
     };

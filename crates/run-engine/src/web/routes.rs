@@ -27,6 +27,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/runs/{id}/log", get(log))
         .route("/runs/{id}/log/events", get(log_events))
         .route("/api/runs/{id}", get(api_run))
+        .route("/api/stats", get(api_stats))
         .route("/runs/{id}/cancel", post(cancel))
         .route("/runs/{id}/pause", post(pause))
         .route("/runs/{id}/resume", post(resume))
@@ -150,6 +151,10 @@ async fn api_run(
     Ok(([(header::CONTENT_TYPE, "application/json")], body + "\n").into_response())
 }
 
+async fn api_stats(State(state): State<AppState>) -> axum::Json<super::live::StatsView> {
+    axum::Json(state.runs.stats())
+}
+
 #[derive(Deserialize)]
 struct LogQuery {
     story: Option<String>,
@@ -190,16 +195,18 @@ async fn log_events(
         .and_then(|v| v.parse::<i64>().ok());
     let cursor = run_domain::LogCursor(last.or(q.after).unwrap_or(0).max(0));
     let filter = q.story.as_deref().and_then(StoryFilter::new);
-    let stream = log_lines(state.db.clone(), id, cursor, filter).map(|(lines, cursor)| {
-        let html = pages::log_lines(&lines).into_string().replace('\r', "\n");
-        let event = Event::default().event("lines").id(cursor.0.to_string());
-        // An event without data is not delivered: a move of the cursor alone is a comment.
-        Ok::<_, Infallible>(if lines.is_empty() {
-            event.comment("cursor")
-        } else {
-            event.data(html)
-        })
-    });
+    let stream = log_lines(state.db.clone(), id, cursor, filter, state.stats.clone()).map(
+        |(lines, cursor)| {
+            let html = pages::log_lines(&lines).into_string().replace('\r', "\n");
+            let event = Event::default().event("lines").id(cursor.0.to_string());
+            // An event without data is not delivered: a move of the cursor alone is a comment.
+            Ok::<_, Infallible>(if lines.is_empty() {
+                event.comment("cursor")
+            } else {
+                event.data(html)
+            })
+        },
+    );
     let mut response = Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response();
