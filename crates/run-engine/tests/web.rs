@@ -241,6 +241,42 @@ each_backend! {
         }
         assert_eq!(get(serve.port, &format!("/runs/{}", Uuid::new_v4())).status, 404);
         assert_eq!(get(serve.port, "/runs/nope").status, 404);
+        assert_eq!(get(serve.port, &format!("/runs/{}/log/events", Uuid::new_v4())).status, 404);
+        assert_eq!(get(serve.port, &format!("/api/runs/{}", Uuid::new_v4())).status, 404);
+    }
+}
+
+/// The run ids a runs page lists, in order.
+fn listed(body: &str) -> Vec<String> {
+    body.split("<td class=\"id\"><code>")
+        .skip(1)
+        .filter_map(|rest| rest.split('<').next())
+        .map(str::to_owned)
+        .collect()
+}
+
+each_backend! {
+    async fn runs_are_listed_newest_first_fifty_a_page(t) {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut made = Vec::new();
+        for i in 0..55 {
+            let run = run_engine_tests::RunFactory::new().key(format!("r{i}")).create(&t.db).await;
+            made.push(run.id().to_string());
+        }
+        let serve = Serve::start(&t.url, dir.path(), &[]).await;
+        let first = get(serve.port, "/");
+        let second = get(serve.port, "/?page=1");
+        let (a, b) = (listed(&first.body), listed(&second.body));
+        assert_eq!(a.len(), 50, "{}", first.body);
+        assert_eq!(b.len(), 5, "{}", second.body);
+        assert!(first.body.contains("href=\"/?page=1\""), "a link to older runs");
+        assert!(second.body.contains("href=\"/?page=0\""), "a link to newer runs");
+        let mut all: Vec<String> = a.iter().chain(&b).cloned().collect();
+        // Newest first: the newest on the first page, the oldest on the second.
+        assert!(a.contains(&made[54]) && b.contains(&made[0]), "{a:?} {b:?}");
+        all.sort();
+        made.sort();
+        assert_eq!(all, made);
     }
 }
 

@@ -145,6 +145,14 @@ impl RunWatchers {
                         tx.send_replace(snapshot);
                     }
                 }
+                Err(EngineError::RunNotFound(_)) => {
+                    // Pruned: the pages' streams end with the poller.
+                    let mut runs = self.lock();
+                    if runs.get(&run_id).is_some_and(|t| Arc::ptr_eq(t, &tx)) {
+                        runs.remove(&run_id);
+                    }
+                    return;
+                }
                 Err(e) => tracing::warn!(%run_id, error = %e, "reading the watched run failed"),
             }
         }
@@ -298,6 +306,7 @@ pub fn log_lines(
                 stats.log_reads.fetch_add(1, Ordering::Relaxed);
                 let page = match read_run_log_after(&db, run_id, cursor, LOG_PAGE).await {
                     Ok(page) => page,
+                    Err(run_domain::LogError::RunNotFound { .. }) => return None,
                     Err(e) => {
                         tracing::warn!(%run_id, error = %e, "reading the log failed");
                         wait = true;

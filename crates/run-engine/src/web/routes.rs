@@ -56,11 +56,10 @@ impl IntoResponse for PageError {
 impl From<EngineError> for PageError {
     fn from(e: EngineError) -> PageError {
         let status = match &e {
-            EngineError::RunNotFound(_) => StatusCode::NOT_FOUND,
+            EngineError::RunNotFound(_)
+            | EngineError::StoryNotFound { .. }
+            | EngineError::Log(run_domain::LogError::RunNotFound { .. }) => StatusCode::NOT_FOUND,
             EngineError::RunFinished { .. } => StatusCode::CONFLICT,
-            _ if e.to_string().contains("not found") || e.to_string().contains("no story") => {
-                StatusCode::NOT_FOUND
-            }
             _ => {
                 tracing::warn!(error = %e, "a request failed");
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -187,7 +186,13 @@ async fn log_events(
     Query(q): Query<LogQuery>,
     headers: HeaderMap,
 ) -> Result<Response, PageError> {
+    use sea_orm::EntityTrait;
     let id = run_id(&id)?;
+    entity::run::Entity::find_by_id(id)
+        .one(&state.db)
+        .await
+        .map_err(EngineError::from)?
+        .ok_or(EngineError::RunNotFound(id))?;
     // A reconnecting browser says where it was.
     let last = headers
         .get("last-event-id")
