@@ -566,6 +566,22 @@ async fn watch_a_run_in_the_browser(t: TestDb) {
         "completed",
     )
     .await;
+    wait_attr(
+        &client,
+        "the story after the gate waiting",
+        "[id='story-e.after']",
+        "data-status",
+        "pending",
+    )
+    .await;
+    // Stories running, completed and waiting: the screenshot the README shows.
+    let shot = client.screenshot().await.expect("screenshot");
+    std::fs::write(artifacts().join("run.png"), shot).expect("write run.png");
+    assert!(
+        text_of(&client, "[id='story-e.after'] .why")
+            .await
+            .contains("waits on e.gate")
+    );
     mark_page(&client).await;
     std::fs::write(dir.path().join("go"), "").expect("open the gate");
     wait_attr(
@@ -598,8 +614,6 @@ async fn watch_a_run_in_the_browser(t: TestDb) {
             .is_ok(),
         "the graph shows completed stories"
     );
-    let shot = client.screenshot().await.expect("screenshot");
-    std::fs::write(artifacts().join("run.png"), shot).expect("write run.png");
 
     // The log, live: a new line appears.
     client
