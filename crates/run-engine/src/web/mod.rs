@@ -126,7 +126,7 @@ pub fn router(db: DatabaseConnection, config: &ServeConfig, listen: SocketAddr) 
     routes::router(state)
 }
 
-/// Serves the web view on `config.listen` until the process is stopped.
+/// Serves the web view on `config.listen` until the server fails (or its task is dropped).
 ///
 /// ```no_run
 /// # async fn demo(db: sea_orm::DatabaseConnection) -> Result<(), run_engine::web::WebError> {
@@ -135,23 +135,23 @@ pub fn router(db: DatabaseConnection, config: &ServeConfig, listen: SocketAddr) 
 /// ```
 pub async fn serve(db: DatabaseConnection, config: ServeConfig) -> Result<(), WebError> {
     let listener = bind(&config).await?;
-    let addr = listener.local_addr().map_err(|source| WebError::Io {
-        addr: config.listen,
-        source,
-    })?;
-    serve_on(listener, db, &config)
-        .await
-        .map_err(|source| WebError::Io { addr, source })
+    serve_on(listener, db, &config).await
 }
 
-/// Serves on a bound listener (see [`bind`]) until the server fails.
+/// Serves on a bound listener (see [`bind`]) until the server fails. The address it is bound
+/// to is checked as [`bind`] checks `config.listen`: anything but loopback needs a token.
 pub async fn serve_on(
     listener: tokio::net::TcpListener,
     db: DatabaseConnection,
     config: &ServeConfig,
-) -> std::io::Result<()> {
-    let addr = listener.local_addr()?;
+) -> Result<(), WebError> {
+    let io = |addr: SocketAddr| move |source| WebError::Io { addr, source };
+    let addr = listener.local_addr().map_err(io(config.listen))?;
+    auth::check_config(&ServeConfig {
+        listen: addr,
+        token: config.token.clone(),
+    })?;
     let app = router(db, config, addr);
     tracing::info!(%addr, "serving the web view");
-    axum::serve(listener, app).await
+    axum::serve(listener, app).await.map_err(io(addr))
 }
