@@ -14,6 +14,8 @@
 //!   PostgreSQL server, installed into a scratch folder with npm and pip.
 //! - [`memory`]: peak RSS of streaming a large log vs building it as one `String`, of
 //!   `run-engine logs --follow` on it, and of the executor on runs of two sizes.
+//! - [`web`]: `run-engine serve`: time to first byte of a 10,000-story run page, the queries of
+//!   50 open pages, peak memory while 10 clients follow a large log.
 //! - [`report`]: tables, goals, the machine description and the markdown file.
 //! - [`plot`]: the SVG charts, drawn by hand.
 
@@ -31,6 +33,7 @@ pub mod plot;
 pub mod report;
 pub mod scheduling;
 pub mod versioned_update;
+pub mod web;
 
 pub use bench_db::{Backend, BenchDb, Servers};
 pub use measure::{Profile, Summary};

@@ -74,6 +74,8 @@ enum Scenario {
     Scheduling,
     /// 9: observability: wake-up latency, tracing's cost, prune rate.
     Observability,
+    /// 10: the web view: a 10,000-story page, 50 open pages, 10 log followers.
+    Web,
 }
 
 #[derive(Debug, Subcommand)]
@@ -235,6 +237,13 @@ async fn run_suite(cli: &Cli) -> anyhow::Result<()> {
     if wanted(Scenario::Observability) {
         let t = Instant::now();
         let r = observability::run(&servers, &profile).await;
+        eprintln!("[run-bench] ... took {:.0} s", t.elapsed().as_secs_f64());
+        goals.extend(r.goals());
+        show(r.section(), &mut sections);
+    }
+    if wanted(Scenario::Web) {
+        let t = Instant::now();
+        let r = run_bench::web::run(&servers, &profile).await;
         eprintln!("[run-bench] ... took {:.0} s", t.elapsed().as_secs_f64());
         goals.extend(r.goals());
         show(r.section(), &mut sections);

@@ -178,9 +178,9 @@ fn style_of(status: Option<&str>) -> Option<&'static Style> {
 
 /// The edges of a graph, by position: story needs `(need, dependent)` as `(epic, story)`
 /// pairs, and epic needs `(needed epic, dependent epic)`.
-struct Edges {
-    stories: Vec<((usize, usize), (usize, usize))>,
-    epics: Vec<(usize, usize)>,
+pub(crate) struct Edges {
+    pub(crate) stories: Vec<((usize, usize), (usize, usize))>,
+    pub(crate) epics: Vec<(usize, usize)>,
 }
 
 impl Graph {
@@ -261,7 +261,7 @@ impl Graph {
     }
 
     /// The needs as positions; needs that name nothing in the graph are left out.
-    fn edges(&self) -> Edges {
+    pub(crate) fn edges(&self) -> Edges {
         let mut epics_by_key: HashMap<&str, usize> = HashMap::new();
         let mut stories_by_key: Vec<HashMap<&str, usize>> = Vec::new();
         for (e, epic) in self.epics.iter().enumerate() {

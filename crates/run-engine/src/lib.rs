@@ -19,6 +19,7 @@
 //! - [`runs`]: the recent runs with status, progress and duration ([`list_runs`]).
 //! - [`graph`]: a plan or run as a graph of needs, drawn as DOT or Mermaid ([`Graph`]).
 //! - [`terminal`]: story output shown on a terminal without its control characters acting.
+//! - [`web`]: `run-engine serve`, a live web view of runs ([`web::serve`]).
 //!
 //! ```no_run
 //! use run_engine::{Executor, ExecutorConfig, Plan, ShellHandler, create_run_from_plan};
@@ -52,6 +53,7 @@ pub mod skip;
 pub mod status;
 pub mod story_log_layer;
 pub mod terminal;
+pub mod web;
 
 pub use cancel::{CancelReport, cancel_leftovers, cancel_run};
 pub use control::{CancelStoryReport, PauseReport, cancel_story, pause_run, resume_run};

@@ -186,6 +186,22 @@ enum Command {
         #[command(subcommand)]
         action: Option<LimitsAction>,
     },
+    /// Serve a live web view of the runs: their stories, graph and log, with cancel, pause and
+    /// resume. Binds loopback unless given a token, which every request must then carry
+    Serve {
+        /// The address to listen on; anything but loopback (127.0.0.1, [::1]) needs --token
+        #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
+        listen: std::net::SocketAddr,
+        /// A secret (16 characters or more) every request must carry: `Authorization: Bearer
+        /// <token>`, or open any page once with `?token=<token>` (which sets a cookie)
+        #[arg(
+            long,
+            env = "RUN_ENGINE_WEB_TOKEN",
+            hide_env_values = true,
+            value_name = "TOKEN"
+        )]
+        token: Option<String>,
+    },
     /// Print the graph of what needs what: of a plan file, or of a run with each story's status
     Graph {
         /// A plan file (TOML), or a run's id
@@ -352,6 +368,22 @@ async fn run(command: Command, url: &str) -> Result<ExitCode> {
         } => {
             let db = open_existing(url).await?;
             logs(&db, run_id, follow, raw).await
+        }
+        Command::Serve { listen, token } => {
+            let config = run_engine::web::ServeConfig { listen, token };
+            // Refused before touching the database: a public address without a token.
+            run_engine::web::auth::check_config(&config)?;
+            let db = open(url).await?;
+            let listener = run_engine::web::bind(&config).await?;
+            let addr = listener.local_addr().context("reading the bound address")?;
+            eprintln!("serving runs at http://{addr}/ (Ctrl-C to stop)");
+            tokio::select! {
+                served = run_engine::web::serve_on(listener, db, &config) => {
+                    served.with_context(|| format!("serving on {addr}"))?;
+                }
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Graph { source, format } => {
             let graph = match Uuid::parse_str(&source) {
