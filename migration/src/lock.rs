@@ -33,8 +33,10 @@ pub enum MigrationLockError {
 /// Runs `work` while holding the migration lock.
 ///
 /// PostgreSQL: a transaction-scoped advisory lock on a connection of its own. MariaDB: a named
-/// lock (`GET_LOCK`) on a connection of its own. SQLite: none needed for one process; SQLite
-/// serialises writers itself, and its migrations are meant for one machine.
+/// lock (`GET_LOCK`) on a connection of its own. SQLite: an exclusive lock (`flock`) on the file
+/// `<database>-migrate.lock` beside the database, so processes on one machine that open a new
+/// database at once (`run` in one terminal, `serve` in another) migrate it once; an in-memory
+/// database needs none. Every lock is let go when its process dies.
 ///
 /// The pool behind `db` must allow at least two connections on PostgreSQL and MariaDB (the
 /// default does): one holds the lock while `work` runs on another.
@@ -52,9 +54,47 @@ where
     Ok(result?)
 }
 
-async fn acquire(
-    db: &DatabaseConnection,
-) -> Result<Option<DatabaseTransaction>, MigrationLockError> {
+/// What holds the migration lock until it is released.
+enum Guard {
+    /// PostgreSQL's and MariaDB's: a transaction on a connection of its own.
+    Server(DatabaseTransaction),
+    /// SQLite's: the lock file, locked while open.
+    File(std::fs::File),
+}
+
+/// SQLite: locks `<database file>-migrate.lock`, waiting for another process that holds it.
+/// `None` for an in-memory database.
+async fn lock_sqlite_file(db: &DatabaseConnection) -> Result<Option<Guard>, MigrationLockError> {
+    let row = db
+        .query_one_raw(Statement::from_string(
+            DbBackend::Sqlite,
+            "SELECT file FROM pragma_database_list WHERE name = 'main'",
+        ))
+        .await?;
+    let file: String = match row {
+        Some(row) => row.try_get("", "file")?,
+        None => String::new(),
+    };
+    if file.is_empty() {
+        return Ok(None);
+    }
+    let path = format!("{file}-migrate.lock");
+    let locked = tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)?;
+        lock.lock()?;
+        Ok(lock)
+    })
+    .await
+    .map_err(|e| DbErr::Custom(format!("waiting for the migration lock: {e}")))?
+    .map_err(|e| DbErr::Custom(format!("locking {file}-migrate.lock: {e}")))?;
+    Ok(Some(Guard::File(locked)))
+}
+
+async fn acquire(db: &DatabaseConnection) -> Result<Option<Guard>, MigrationLockError> {
     let backend = db.get_database_backend();
     match backend {
         DbBackend::Postgres => {
@@ -68,7 +108,7 @@ async fn acquire(
                 [PG_LOCK_KEY.into()],
             ))
             .await?;
-            Ok(Some(tx))
+            Ok(Some(Guard::Server(tx)))
         }
         DbBackend::MySql => {
             let tx = db.begin().await?;
@@ -89,14 +129,23 @@ async fn acquire(
                 tx.rollback().await?;
                 return Err(MigrationLockError::LockTimeout(MYSQL_LOCK_TIMEOUT_S));
             }
-            Ok(Some(tx))
+            Ok(Some(Guard::Server(tx)))
         }
+        DbBackend::Sqlite => lock_sqlite_file(db).await,
         _ => Ok(None),
     }
 }
 
-async fn release(guard: Option<DatabaseTransaction>) -> Result<(), DbErr> {
-    let Some(tx) = guard else { return Ok(()) };
+async fn release(guard: Option<Guard>) -> Result<(), DbErr> {
+    let tx = match guard {
+        None => return Ok(()),
+        // Closing the file lets go of its lock.
+        Some(Guard::File(file)) => {
+            drop(file);
+            return Ok(());
+        }
+        Some(Guard::Server(tx)) => tx,
+    };
     if tx.get_database_backend() == DbBackend::MySql {
         tx.execute_raw(Statement::from_sql_and_values(
             DbBackend::MySql,

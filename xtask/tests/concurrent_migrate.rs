@@ -158,6 +158,18 @@ async fn four_concurrent_migrates_on_postgres_apply_each_migration_once_and_neve
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_concurrent_migrates_on_a_new_sqlite_file_apply_each_migration_once() {
+    // Two commands started at once on a database file that does not exist yet (`run` in one
+    // terminal, `serve` in another) both migrate it.
+    let Some(t) = TestDb::empty(Backend::Sqlite).await else {
+        return;
+    };
+    let outputs = migrate_concurrently(Backend::Sqlite, &t.url).await;
+    assert_each_migration_recorded_once(&t).await;
+    assert_each_migration_applied_by_one_process(Backend::Sqlite, &outputs);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_concurrent_migrates_on_mariadb_apply_each_migration_once() {
     let Some(t) = TestDb::empty(Backend::MySql).await else {
         return;
