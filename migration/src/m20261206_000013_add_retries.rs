@@ -22,34 +22,25 @@ pub struct Migration;
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         // One column per statement: SQLite adds one at a time.
-        manager
-            .alter_table(
-                Table::alter()
-                    .table(Run::Table)
-                    .add_column(
-                        ColumnDef::new(Run::Retries)
-                            .integer()
-                            .not_null()
-                            .default(0)
-                            .to_owned(),
-                    )
-                    .to_owned(),
-            )
-            .await?;
-        manager
-            .alter_table(
-                Table::alter()
-                    .table(RunEpic::Table)
-                    .add_column(
-                        ColumnDef::new(RunEpic::Retries)
-                            .integer()
-                            .not_null()
-                            .default(0)
-                            .to_owned(),
-                    )
-                    .to_owned(),
-            )
-            .await?;
+        let retries = |column: DynIden| {
+            ColumnDef::new(column)
+                .integer()
+                .not_null()
+                .default(0)
+                .to_owned()
+        };
+        for alter in [
+            Table::alter()
+                .table(Run::Table)
+                .add_column(retries(Run::Retries.into_iden()))
+                .to_owned(),
+            Table::alter()
+                .table(RunEpic::Table)
+                .add_column(retries(RunEpic::Retries.into_iden()))
+                .to_owned(),
+        ] {
+            manager.alter_table(alter).await?;
+        }
         manager
             .create_index(
                 Index::create()

@@ -72,10 +72,7 @@ impl StoryContext {
     /// # }
     /// ```
     pub fn payload(&self) -> Option<serde_json::Value> {
-        self.story
-            .payload
-            .as_deref()
-            .and_then(|p| serde_json::from_str(p).ok())
+        self.payload_as().ok().flatten()
     }
 
     /// The story's payload deserialized into `T`, or why it could not be: for handlers that

@@ -85,8 +85,8 @@ pub fn has_controls(text: &str) -> bool {
 }
 
 /// The byte length of the SGR sequence (`ESC [ <digits and ;>* m`) at the start of `text`, if
-/// one is there.
-fn sgr_len(text: &str) -> Option<usize> {
+/// one is there (also what the web view turns into colour).
+pub(crate) fn sgr_len(text: &str) -> Option<usize> {
     let body = text.strip_prefix(ESC)?.strip_prefix('[')?;
     let params = body
         .bytes()

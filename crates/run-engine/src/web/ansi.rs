@@ -2,6 +2,7 @@
 //! classes (`fg-31`, `bold`), escaped by the template; every other control character is shown
 //! as a visible escape (`\x07`, see [`crate::terminal::strip_controls`]), never sent raw.
 
+use crate::terminal::sgr_len;
 use maud::{Markup, html};
 
 /// The style of a run of text.
@@ -81,15 +82,6 @@ impl Style {
             i += 1;
         }
     }
-}
-
-/// The length of a colour/style sequence (`ESC [ <digits and ;> m`) at the start of `text`.
-fn sgr_len(text: &str) -> Option<usize> {
-    let rest = text.strip_prefix("\u{1b}[")?;
-    let params = rest
-        .find(|c: char| !(c.is_ascii_digit() || c == ';'))
-        .filter(|&end| rest[end..].starts_with('m'))?;
-    Some(2 + params + 1)
 }
 
 /// `line` cut into runs of text with their style; control characters other than colour are

@@ -130,9 +130,7 @@ impl RunWatchers {
                 // Under the lock, so that no page subscribes between the look and the removal.
                 let mut runs = self.lock();
                 if tx.receiver_count() == 0 {
-                    if runs.get(&run_id).is_some_and(|t| Arc::ptr_eq(t, &tx)) {
-                        runs.remove(&run_id);
-                    }
+                    forget(&mut runs, run_id, &tx);
                     tracing::debug!(%run_id, "no page watches the run any more");
                     return;
                 }
@@ -147,15 +145,23 @@ impl RunWatchers {
                 }
                 Err(EngineError::RunNotFound(_)) => {
                     // Pruned: the pages' streams end with the poller.
-                    let mut runs = self.lock();
-                    if runs.get(&run_id).is_some_and(|t| Arc::ptr_eq(t, &tx)) {
-                        runs.remove(&run_id);
-                    }
+                    forget(&mut self.lock(), run_id, &tx);
                     return;
                 }
                 Err(e) => tracing::warn!(%run_id, error = %e, "reading the watched run failed"),
             }
         }
+    }
+}
+
+/// Removes the run's entry if it is still `tx` (and not a newer poller's).
+fn forget(
+    runs: &mut HashMap<Uuid, Arc<watch::Sender<Arc<Snapshot>>>>,
+    run_id: Uuid,
+    tx: &Arc<watch::Sender<Arc<Snapshot>>>,
+) {
+    if runs.get(&run_id).is_some_and(|t| Arc::ptr_eq(t, tx)) {
+        runs.remove(&run_id);
     }
 }
 

@@ -28,7 +28,7 @@ pub(crate) async fn logs(
     // Batch ids of lines read so far that close the run in some status (after as many
     // retries as the run has had when it was last read).
     let mut retries = 0;
-    let closers = |retries: i32| {
+    let closers_of = |retries: i32| {
         [RunStatus::Completed, RunStatus::Cancelled].map(|s| closing_line_batch(run_id, retries, s))
     };
     let mut closed_with: Vec<Uuid> = Vec::new();
@@ -44,6 +44,7 @@ pub(crate) async fn logs(
         } else {
             None
         };
+        let closers = closers_of(retries);
         loop {
             let page = read_run_log_after(db, run_id, cursor, LOG_PAGE).await?;
             let mut out = stdout.lock();
@@ -60,7 +61,7 @@ pub(crate) async fn logs(
                     }
                     return Err(e).context("writing the log");
                 }
-                if closers(retries).contains(&entry.batch_id) {
+                if closers.contains(&entry.batch_id) {
                     closed_with.push(entry.batch_id);
                 }
             }
@@ -83,7 +84,7 @@ pub(crate) async fn logs(
         // cancelled run written by an earlier version closed under the completed run's id.)
         let closing = closing_line_batch(run_id, retries, status);
         if closed_with.contains(&closing)
-            || (status == RunStatus::Cancelled && closed_with.contains(&closers(retries)[0]))
+            || (status == RunStatus::Cancelled && closed_with.contains(&closers[0]))
         {
             return Ok(ExitCode::SUCCESS);
         }
