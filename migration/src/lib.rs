@@ -24,6 +24,7 @@ mod m20261201_000011_sqlite_log_head_follows;
 mod m20261201_000012_wakeup_triggers_when;
 mod m20261206_000013_add_retries;
 mod m20261206_000014_add_story_inputs;
+mod m20261207_000015_drop_run_status_index;
 pub mod schema_types;
 
 pub use lock::{MigrationLockError, apply, fresh, rollback, status, with_migration_lock};
@@ -52,6 +53,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261201_000012_wakeup_triggers_when::Migration),
             Box::new(m20261206_000013_add_retries::Migration),
             Box::new(m20261206_000014_add_story_inputs::Migration),
+            Box::new(m20261207_000015_drop_run_status_index::Migration),
         ]
     }
 }

@@ -17,7 +17,7 @@ use sea_orm_migration::sea_query::{Iden, IntoIden, Query, SimpleExpr};
 use std::collections::BTreeSet;
 
 /// The number of migrations in [`Migrator`].
-const MIGRATIONS: usize = 14;
+const MIGRATIONS: usize = 15;
 
 /// The name an iden stands for, e.g. `run_epic`.
 fn name(iden: impl Iden) -> String {
@@ -110,7 +110,21 @@ fn added_by(k: usize) -> (Vec<String>, Vec<(String, String)>) {
                 .map(|c| (name(RunStory::Table), name(c)))
                 .collect(),
         ),
+        // drop_run_status_index: an index only (see `indexes_dropped_by`).
+        14 => (vec![], vec![]),
         _ => unreachable!("there are {MIGRATIONS} migrations"),
+    }
+}
+
+/// The indexes (table, index, k of the migration that made it) migration `k + 1` drops.
+fn indexes_dropped_by(k: usize) -> Vec<(String, String, usize)> {
+    match k {
+        14 => vec![(
+            name(RunStory::Table),
+            "ix_run_story_run_status".to_owned(),
+            0,
+        )],
+        _ => vec![],
     }
 }
 
@@ -163,6 +177,17 @@ async fn assert_schema_at(t: &TestDb, applied: usize, step: &str) {
             assert_eq!(
                 found, expected,
                 "{backend:?} {step}: index {table}.{index} (added by {by}) exists: {found}"
+            );
+        }
+        for (table, index, made_by) in indexes_dropped_by(k) {
+            let found = manager
+                .has_index(&table, &index)
+                .await
+                .unwrap_or_else(|e| panic!("{backend:?} {step}: has_index({table}, {index}): {e}"));
+            let present = made_by < applied && !expected;
+            assert_eq!(
+                found, present,
+                "{backend:?} {step}: index {table}.{index} (dropped by {by}) exists: {found}"
             );
         }
         for (table, column) in columns {

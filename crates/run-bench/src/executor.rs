@@ -110,6 +110,43 @@ pub async fn new_run(db: &DatabaseConnection, stories: usize) -> anyhow::Result<
     Ok(run.id())
 }
 
+/// For `run-bench profile-executor`: migrates `url`, creates a run of `stories` no-op stories,
+/// executes it with `workers` workers (claiming up to `batch` at a time) in this process and
+/// prints the rate and the CPU per story.
+pub async fn profile(
+    url: &str,
+    stories: usize,
+    workers: usize,
+    batch: Option<usize>,
+) -> anyhow::Result<()> {
+    let db = run_domain::connect(url).await?;
+    migration::apply(&db, None).await?;
+    let run_id = new_run(&db, stories).await?;
+    let mut config = ExecutorConfig::default().workers(workers);
+    if let Some(batch) = batch {
+        config = config.claim_batch(batch);
+    }
+    let executor = Executor::new(db.clone(), NoOp, config);
+    let pg = PgCpu::start();
+    let cpu = own_cpu_seconds();
+    let started = Instant::now();
+    let summary = executor.execute(run_id).await?;
+    let took = started.elapsed().as_secs_f64();
+    let cpu = own_cpu_seconds() - cpu;
+    let pg = pg.stop().await;
+    anyhow::ensure!(summary.is_completed(), "run did not complete: {summary}");
+    let n = stories as f64;
+    println!(
+        "{stories} stories, {workers} workers: {:.0} stories/s, CPU per story {:.0} µs here, \
+         {:.0} µs in postgres processes, {} claims",
+        n / took,
+        1e6 * cpu / n,
+        1e6 * pg / n,
+        summary.claims_tried
+    );
+    Ok(())
+}
+
 /// What one run of ours in this process measured.
 struct OursRun {
     rate: f64,

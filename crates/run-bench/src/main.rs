@@ -107,6 +107,24 @@ enum Command {
         #[arg(long)]
         workers: usize,
     },
+    /// Internal, for profiling: migrate the database, create a run of `stories` no-op stories
+    /// and execute it in this process with `workers` workers; prints stories/s and CPU per
+    /// story.
+    #[command(name = "profile-executor", hide = true)]
+    ProfileExecutor {
+        /// The database.
+        #[arg(long)]
+        url: String,
+        /// Stories in the run.
+        #[arg(long, default_value_t = 10_000)]
+        stories: usize,
+        /// Executor workers.
+        #[arg(long, default_value_t = 4)]
+        workers: usize,
+        /// The most stories one claim takes (the executor's default when not given).
+        #[arg(long)]
+        batch: Option<usize>,
+    },
     /// Internal: run one command (after `--`) and report its peak memory.
     #[command(name = PEAK_SUBCOMMAND, hide = true)]
     Peak {
@@ -140,6 +158,12 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", probe.to_line());
             Ok(())
         }
+        Some(Command::ProfileExecutor {
+            url,
+            stories,
+            workers,
+            batch,
+        }) => executor::profile(url, *stories, *workers, *batch).await,
         Some(Command::Peak { command }) => {
             println!("{}", memory::peak_of(command)?.to_line());
             Ok(())

@@ -44,7 +44,7 @@ use sea_orm::{
 use uuid::Uuid;
 
 /// The most rows one batched statement writes.
-pub const MAX_BATCH: usize = 256;
+pub const MAX_BATCH: usize = 1024;
 
 /// Starts up to `max` (at most [`MAX_BATCH`]) ready stories of `run_id` that hold no limit,
 /// highest priority first, leased to `owner` until `lease_until`, each with one more attempt.
@@ -112,6 +112,10 @@ where
             .filter(delay_passed(now_ms))
             .filter(run_not_paused())
     };
+    #[cfg(feature = "postgres")]
+    if db.get_database_backend() == DbBackend::Postgres {
+        return start_ready_postgres(db, run_id, max, owner, lease_until, now).await;
+    }
     if db.get_database_backend() != DbBackend::MySql {
         let mut picked = Query::select();
         picked
@@ -210,6 +214,10 @@ where
     if pairs.is_empty() {
         return Ok(Vec::new());
     }
+    #[cfg(feature = "postgres")]
+    if db.get_database_backend() == DbBackend::Postgres {
+        return complete_running_postgres(db, held, &pairs).await;
+    }
     let now = Utc::now();
     // Each row's start as its holder gives it (a story claimed ahead of its worker started
     // after its claim); as stored where it gives none.
@@ -286,6 +294,140 @@ where
         .await?;
     tx.commit().await?;
     Ok(written)
+}
+
+/// PostgreSQL: [`start_ready`] as one statement whose text is the same for every batch size, so
+/// that its prepared form is planned once per connection and reused (the query-builder form,
+/// `(id, version) IN (SELECT ...)`, was planned on every call). The same conditions, in the
+/// same statement that writes.
+#[cfg(feature = "postgres")]
+async fn start_ready_postgres<C: ConnectionTrait>(
+    db: &C,
+    run_id: Uuid,
+    max: usize,
+    owner: &str,
+    lease_until: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Result<Vec<run_story::Model>, ConcurrencyError> {
+    // SAFETY(claim): each row is matched on the id and version the pick read, under the row
+    // lock the pick took (`FOR UPDATE SKIP LOCKED`: rows another claim holds are skipped), and
+    // written only while it still meets every condition of a single start's compare-and-swap
+    // (pending, no unmet need, no limit, retry delay passed, run not paused).
+    const SQL: &str = "UPDATE run_story AS s SET status = 'running', version = s.version + 1, \
+            updated_at = $2, started_at = $2, lease_owner = $3, lease_expires_at = $4, \
+            attempts = s.attempts + 1 \
+        FROM (SELECT id, version FROM run_story \
+            WHERE run_id = $1 AND status = 'pending' AND unmet_needs = 0 \
+                AND limit_keys IS NULL AND (not_before_ms IS NULL OR not_before_ms <= $5) \
+            ORDER BY priority DESC, position ASC, id ASC LIMIT $6 \
+            FOR UPDATE SKIP LOCKED) AS picked \
+        WHERE s.id = picked.id AND s.version = picked.version AND s.status = 'pending' \
+            AND s.unmet_needs = 0 AND s.limit_keys IS NULL \
+            AND (s.not_before_ms IS NULL OR s.not_before_ms <= $5) \
+            AND NOT EXISTS (SELECT 1 FROM run WHERE run.id = s.run_id AND run.paused_at IS NOT NULL) \
+        RETURNING s.*";
+    let limit = i64::try_from(max).unwrap_or(i64::MAX);
+    let statement = sea_orm::Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        SQL,
+        [
+            run_id.into(),
+            now.into(),
+            owner.into(),
+            lease_until.into(),
+            now.timestamp_millis().into(),
+            limit.into(),
+        ],
+    );
+    Ok(run_story::Entity::find()
+        .from_raw_sql(statement)
+        .all(db)
+        .await?)
+}
+
+/// PostgreSQL: [`complete_running`] as one statement over arrays (`unnest`), whose text is the
+/// same for every batch size (planned once per connection, not once per call), each row joined
+/// on its own id and version. Returns only what the write decides (id, version, start); the
+/// rest of each story is `held`'s with what the statement wrote.
+///
+/// The status is not in the statement: a row still at the version its holder wrote is as its
+/// holder wrote it, running (`pairs` holds running stories only). With `status = 'running'`
+/// in it, the planner read the rows through the status index (its statistics say few stories
+/// run) and joined every running story of every run against the arrays, a cost that grew with
+/// the batch size squared; on the join alone each row is found by primary key.
+#[cfg(feature = "postgres")]
+async fn complete_running_postgres<C: ConnectionTrait>(
+    db: &C,
+    held: &[run_story::Model],
+    pairs: &[(Uuid, i32)],
+) -> Result<Vec<run_story::Model>, ConcurrencyError> {
+    use sea_orm::sea_query::{ArrayType, Value};
+    // SAFETY(fencing): each row on its own id and version: a story taken over since its
+    // holder's last renewal has moved on and is not written.
+    const SQL: &str = "UPDATE run_story AS s SET status = 'completed', version = s.version + 1, \
+            updated_at = $1, finished_at = $1, lease_expires_at = NULL, error = NULL, \
+            started_at = CASE WHEN w.given THEN w.started_at ELSE s.started_at END \
+        FROM unnest($2::uuid[], $3::int4[], $4::bool[], $5::timestamptz[]) \
+            AS w(id, version, given, started_at) \
+        WHERE s.id = w.id AND s.version = w.version AND s.limit_keys IS NULL \
+        RETURNING s.id, s.version, s.started_at";
+    // Microseconds, as PostgreSQL keeps them: the stories returned say exactly what is stored.
+    let now = micros(Utc::now());
+    let by_id: std::collections::HashMap<Uuid, &run_story::Model> =
+        held.iter().map(|s| (s.id, s)).collect();
+    let mut ids = Vec::with_capacity(pairs.len());
+    let mut versions = Vec::with_capacity(pairs.len());
+    let mut given = Vec::with_capacity(pairs.len());
+    let mut starts = Vec::with_capacity(pairs.len());
+    for (id, version) in pairs {
+        // Each row's start as its holder gives it (a story claimed ahead of its worker started
+        // after its claim); as stored where it gives none.
+        let at = by_id.get(id).and_then(|s| s.started_at);
+        ids.push(Value::Uuid(Some(*id)));
+        versions.push(Value::Int(Some(*version)));
+        given.push(Value::Bool(Some(at.is_some())));
+        starts.push(Value::ChronoDateTimeUtc(Some(micros(at.unwrap_or(now)))));
+    }
+    let array = |ty, values| Value::Array(ty, Some(Box::new(values)));
+    let rows = db
+        .query_all_raw(sea_orm::Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            SQL,
+            [
+                now.into(),
+                array(ArrayType::Uuid, ids),
+                array(ArrayType::Int, versions),
+                array(ArrayType::Bool, given),
+                array(ArrayType::ChronoDateTimeUtc, starts),
+            ],
+        ))
+        .await?;
+    let mut written = Vec::with_capacity(rows.len());
+    for row in rows {
+        let id: Uuid = row.try_get_by_index(0)?;
+        let version: i32 = row.try_get_by_index(1)?;
+        let started_at: Option<DateTime<Utc>> = row.try_get_by_index(2)?;
+        if let Some(story) = by_id.get(&id) {
+            written.push(run_story::Model {
+                status: StoryStatus::Completed.as_str().to_owned(),
+                version,
+                updated_at: now,
+                finished_at: Some(now),
+                lease_expires_at: None,
+                error: None,
+                started_at,
+                ..(*story).clone()
+            });
+        }
+    }
+    Ok(written)
+}
+
+/// `t` at microsecond precision, as PostgreSQL stores it.
+#[cfg(feature = "postgres")]
+fn micros(t: DateTime<Utc>) -> DateTime<Utc> {
+    use chrono::SubsecRound;
+    t.trunc_subsecs(6)
 }
 
 /// `(id = ? AND version = ?) OR ...` over `pairs`.

@@ -246,6 +246,16 @@ impl Execution {
                 }
             )
     }
+    /// Whether a story of `epic` is claimed for this process and waiting for a worker.
+    fn queued_of_epic(&self, epic: Uuid) -> bool {
+        self.handoff
+            .lock()
+            .map(|h| {
+                h.spare.iter().any(|c| c.story.epic_id == epic)
+                    || h.given.values().any(|c| c.story.epic_id == epic)
+            })
+            .unwrap_or(false)
+    }
     /// Counts a story of `epic` as held by this process.
     pub(super) fn hold(&self, epic: Uuid) -> Held<'_> {
         let counted = match self.held_per_epic.lock() {
@@ -269,7 +279,10 @@ impl Execution {
         finished: Option<(run_story::Model, Option<Vec<run_story::Model>>)>,
         held: Held<'_>,
     ) {
-        let others_hold_the_epic = held.release();
+        let epic = held.epic;
+        // A story of the epic claimed for this process and not started yet is running too:
+        // its worker looks when it is done.
+        let others_hold_the_epic = held.release() || self.queued_of_epic(epic);
         let Some((story, gone)) = finished else {
             return;
         };

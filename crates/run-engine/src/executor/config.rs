@@ -35,10 +35,14 @@ pub struct ExecutorConfig {
     /// processes read their own, in a shuffled order, and a candidate taken meanwhile only
     /// costs a failed compare-and-swap).
     pub candidate_window: u64,
-    /// The most stories one claim takes (default 32). A worker that finds nothing to run
+    /// The most stories one claim takes (default 256). A worker that finds nothing to run
     /// claims, in one statement, a story for itself and one for each worker of this process
     /// waiting for work (so the batch grows with the idle workers, up to this), and hands them
-    /// over. The statement skips rows another process is claiming (`FOR UPDATE SKIP LOCKED` on
+    /// over. While handlers take less than 20 ms on average, a claim also takes stories ahead
+    /// of the workers (the whole batch), queued in this process for whichever worker is free
+    /// first: their leases run meanwhile (a queued story whose lease is half gone is renewed
+    /// before it starts), and they are given back on shutdown. The statement skips rows
+    /// another process is claiming (`FOR UPDATE SKIP LOCKED` on
     /// PostgreSQL and MariaDB), so processes spread over the ready stories. Runs whose stories
     /// hold limits, and take-overs of expired leases, are claimed one at a time by
     /// compare-and-swap; so is everything with 1. Completions are batched the same way: the
@@ -63,7 +67,7 @@ pub struct ExecutorConfig {
 
 impl Default for ExecutorConfig {
     /// 4 workers, 30 s leases renewed every 10 s, 250 ms polls, 64 candidates, claims of up to
-    /// 32 stories, 10 s grace,
+    /// 256 stories, 10 s grace,
     /// transient database failures retried for up to 30 s.
     fn default() -> Self {
         ExecutorConfig {
@@ -72,7 +76,7 @@ impl Default for ExecutorConfig {
             renew_every: Duration::from_secs(10),
             poll_interval: Duration::from_millis(250),
             candidate_window: 64,
-            claim_batch: 32,
+            claim_batch: 256,
             cancel_grace: Duration::from_secs(10),
             worker_prefix: default_worker_prefix(),
             retry_transient: true,

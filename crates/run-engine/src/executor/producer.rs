@@ -226,27 +226,44 @@ impl Execution {
     /// for expired leases (every [`EXPIRY_CHECK_EVERY`]) found some: they are taken over one
     /// at a time.
     async fn batch_claim(&self, n: usize, lease: &Lease) -> Result<Batch, EngineError> {
-        self.with_handoff(|h| h.idle.push(n));
-        // One claimer at a time; the workers waiting here are the idle ones.
-        let mut candidates = self.candidates.lock().await;
-        let given = self.with_handoff(|h| {
-            h.idle.retain(|w| *w != n);
-            h.given.remove(&n).or_else(|| h.spare.pop_front())
-        });
-        if let Some(claim) = given.flatten() {
-            drop(candidates);
-            if self.stop_claiming() || *self.paused.borrow() {
-                // Claimed before the pause or the shutdown, not started: back it goes (and
-                // so do the others queued ahead).
-                self.give_back_unstarted(claim).await;
-                self.give_back_queued(false).await;
-                return Ok(Batch::Nothing);
+        // A story queued in the process goes without waiting for a claim in flight.
+        let queued = self.with_handoff(|h| h.spare.pop_front()).flatten();
+        let claim = match queued {
+            Some(claim) => claim,
+            None => {
+                self.with_handoff(|h| h.idle.push(n));
+                // One claimer at a time; the workers waiting here are the idle ones.
+                let candidates = self.candidates.lock().await;
+                let given = self.with_handoff(|h| {
+                    h.idle.retain(|w| *w != n);
+                    h.given.remove(&n).or_else(|| h.spare.pop_front())
+                });
+                match given.flatten() {
+                    Some(claim) => claim,
+                    None => return self.claim_for(n, lease, candidates).await,
+                }
             }
-            return Ok(match self.fresh_enough(claim, lease).await {
-                Some(claim) => Batch::Claimed(Box::new(claim)),
-                None => Batch::Nothing,
-            });
+        };
+        if self.stop_claiming() || *self.paused.borrow() {
+            // Claimed before the pause or the shutdown, not started: back it goes (and so do
+            // the others queued ahead).
+            self.give_back_unstarted(claim).await;
+            self.give_back_queued(false).await;
+            return Ok(Batch::Nothing);
         }
+        Ok(match self.fresh_enough(claim, lease).await {
+            Some(claim) => Batch::Claimed(Box::new(claim)),
+            None => Batch::Nothing,
+        })
+    }
+    /// [`Execution::batch_claim`] when nothing is queued for worker `n`: looks for expired
+    /// leases when due, then claims a batch, holding the candidates lock.
+    async fn claim_for(
+        &self,
+        n: usize,
+        lease: &Lease,
+        mut candidates: tokio::sync::MutexGuard<'_, Candidates>,
+    ) -> Result<Batch, EngineError> {
         let due = candidates
             .last_expiry_check
             .is_none_or(|t| t.elapsed() >= EXPIRY_CHECK_EVERY);
@@ -278,12 +295,39 @@ impl Execution {
         let mut idle = self.with_handoff(|h| h.idle.clone()).unwrap_or_default();
         idle.dedup();
         // Short handlers: a whole batch, the stories ahead of the idle workers queued for
-        // whichever worker is free first (its
-        // lease runs meanwhile; see `fresh_enough`).
-        let short = self.handler_micros.load(Ordering::Relaxed)
-            < u64::try_from(SHORT_HANDLER.as_micros()).unwrap_or(u64::MAX);
-        let ahead = if short { self.config().claim_batch } else { 0 };
+        // whichever worker is free first (its lease runs meanwhile; see `fresh_enough`).
+        let ahead = if self.short_handlers() {
+            self.config().claim_batch
+        } else {
+            0
+        };
         let max = (idle.len() + 1 + ahead).min(self.config().claim_batch);
+        let mine = self
+            .claim_into_queue(&mut candidates, Some(n), &idle, max, lease)
+            .await?;
+        drop(candidates);
+        Ok(match mine {
+            Some(claim) => Batch::Claimed(Box::new(claim)),
+            None => Batch::Nothing,
+        })
+    }
+    /// Whether handlers have been taking less than [`SHORT_HANDLER`] on average: then claims
+    /// take stories ahead of the idle workers.
+    fn short_handlers(&self) -> bool {
+        self.handler_micros.load(Ordering::Relaxed)
+            < u64::try_from(SHORT_HANDLER.as_micros()).unwrap_or(u64::MAX)
+    }
+    /// Claims up to `max` ready stories in one statement, leased to `lease`; the first for
+    /// worker `n` (if given), the others handed to the `idle` workers, the rest queued in the
+    /// process for whichever worker is free first. The caller holds the candidates lock.
+    async fn claim_into_queue(
+        &self,
+        candidates: &mut Candidates,
+        n: Option<usize>,
+        idle: &[usize],
+        max: usize,
+        lease: &Lease,
+    ) -> Result<Option<Claim>, EngineError> {
         let until = lease.expires_at(Utc::now());
         self.stats.claims_tried.fetch_add(1, Ordering::Relaxed);
         let claimed =
@@ -330,9 +374,9 @@ impl Execution {
             story,
             taken_over_from: None,
         });
-        let mine = stories.next();
+        let mine = if n.is_some() { stories.next() } else { None };
         self.with_handoff(|h| {
-            let mut waiting = idle.iter().filter(|w| **w != n);
+            let mut waiting = idle.iter().filter(|w| Some(**w) != n);
             for claim in stories {
                 match waiting.next() {
                     Some(w) => {
@@ -343,11 +387,8 @@ impl Execution {
                 }
             }
         });
-        drop(candidates);
-        Ok(match mine {
-            Some(claim) => Batch::Claimed(Box::new(claim)),
-            None => Batch::Nothing,
-        })
+        // Idle workers wait on the candidates lock, and take theirs once the caller lets go.
+        Ok(mine)
     }
     /// `claim`, taken from the process's queue, if its lease still has half its length to
     /// run; else renewed first (`None` when the renewal finds it taken over or changed).
