@@ -206,8 +206,10 @@ impl Execution {
                 epic,
                 counted,
             };
-            let finished = me.record(&sref, &log, last, &lease, end).await;
-            me.after_recorded(finished, held).await;
+            // Boxed: the task is spawned once per story, and a spawn moves its whole future
+            // (unboxed, the record's state machine made it about 13 KiB, copied on every spawn).
+            let finished = Box::pin(me.record(&sref, &log, last, &lease, end)).await;
+            Box::pin(me.after_recorded(finished, held)).await;
             drop(permit);
         }
         .instrument(tracing::Span::current());
