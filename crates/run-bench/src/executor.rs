@@ -441,7 +441,8 @@ pub async fn run(servers: &Servers, profile: &Profile, peers: Option<&Peers>) ->
                     let (rate, pg) = baseline(bench, workers, stories).await?;
                     cell.baseline.push(rate);
                     cell.baseline_pg_cpu_us.push(pg);
-                    let run = ours(bench, workers, stories, 32).await?;
+                    let batch = ExecutorConfig::default().claim_batch;
+                    let run = ours(bench, workers, stories, batch).await?;
                     cell.ours.push(run.rate);
                     cell.claims_per_story.push(run.claims_per_story);
                     cell.cpu_us.push(run.cpu_us);
@@ -622,11 +623,12 @@ impl ExecutorResult {
             "No-op stories (jobs), {} per run, on PostgreSQL, median of the repeats (range in \
              brackets where it matters). **Ours**: `run_engine::Executor` with an in-process \
              handler that returns at once: a worker that finds nothing to run claims, in one \
-             statement (`UPDATE ... WHERE (id, version) IN (SELECT ... FOR UPDATE SKIP LOCKED) \
-             RETURNING`), a story for itself and one for each idle worker of its process; results \
-             finishing at once are recorded in one statement, each row on its own version; the \
-             epic and run are completed; a \"started\" and a \"completed\" log line for each \
-             story. **One story per statement**: the same executor with `claim_batch(1)` ({} \
+             statement (`UPDATE ... FROM (SELECT id, version ... LIMIT n FOR UPDATE SKIP LOCKED) \
+             ... RETURNING`), up to 256 stories, one for itself, the others handed to the idle \
+             workers of its process or queued there; results finishing at once are recorded in \
+             one statement (`UPDATE ... FROM unnest(ids, versions, ...)`), each row on its own \
+             version; the epic and run are completed; a \"started\" and a \"completed\" log \
+             line for each story. **One story per statement**: the same executor with `claim_batch(1)` ({} \
              stories per run). **SKIP LOCKED loop**: plain SQL, one connection per worker: \
              `WITH c AS (SELECT ... FOR UPDATE SKIP LOCKED LIMIT 1) UPDATE ... RETURNING`, then \
              an UPDATE by id: two statements a job, no fencing.\n\n",
@@ -687,7 +689,7 @@ impl ExecutorResult {
                 fmt_rate(median(&c.one_by_one)),
                 fmt_rate(median(&c.baseline)),
                 format!("{:.2}×", ratio(&c.ours, &c.baseline)),
-                format!("{:.2}", median(&c.claims_per_story)),
+                format!("{:.3}", median(&c.claims_per_story)),
                 format!(
                     "{:.0} / {:.0} ({:.0})",
                     median(&c.cpu_us),
@@ -755,12 +757,12 @@ fn gap_and_cause(cells: &[Cell], procs: &[ProcCell]) -> String {
     let mut out = String::from("Where the gaps come from (CPU times measured in the same runs): ");
     if let (Some(first), Some(last)) = (cells.first(), cells.last()) {
         out.push_str(&format!(
-            "claims are no longer the cost: {:.2} claim statements per story at {} worker(s), \
-             {:.2} at {}, and no claim conflicts. What a story costs now is CPU: the executor's \
+            "claims are no longer the cost: {:.3} claim statements per story at {} worker(s), \
+             {:.3} at {}, and no claim conflicts. What a story costs now is CPU: the executor's \
              own process spends {:.0} µs of CPU per story at {} worker(s) and {:.0} µs at {} \
              (spans and events, two log lines through the shared writer, the record's \
              bookkeeping, a task per background record), and PostgreSQL {:.0} µs and {:.0} µs \
-             per story (the batched statements, the two log lines' INSERTs, the epic's look), \
+             per story (the batched claim and result statements, the two log lines' INSERTs), \
              against {:.0} µs per job for the SKIP LOCKED loop's two statements. On two cores \
              shared by both, {:.0} + {:.0} µs per story bounds ours near {} stories/s. ",
             median(&first.claims_per_story),

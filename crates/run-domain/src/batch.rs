@@ -13,10 +13,13 @@
 //!   starts them for one lease owner. A row is written only if it is still pending at the
 //!   version the pick read, with its needs met and its run not paused: the same conditions a
 //!   single start's compare-and-swap carries.
-//!   - PostgreSQL: one statement, `UPDATE ... WHERE (id, version) IN (SELECT id, version ...
-//!     FOR UPDATE SKIP LOCKED) RETURNING *`: rows another process is claiming are skipped, not
-//!     waited for, so processes spread over the ready stories instead of colliding.
-//!   - SQLite: the same statement (one writer at a time, so nobody else claims in between).
+//!   - PostgreSQL: one statement, `UPDATE ... FROM (SELECT id, version ... FOR UPDATE SKIP
+//!     LOCKED) AS picked WHERE id and version match ... RETURNING *`: rows another process is
+//!     claiming are skipped, not waited for, so processes spread over the ready stories
+//!     instead of colliding. Its text is the same for every batch size, so its prepared form
+//!     is planned once per connection.
+//!   - SQLite: `UPDATE ... WHERE (id, version) IN (SELECT id, version ...) RETURNING *` (one
+//!     writer at a time, so nobody else claims in between).
 //!   - MariaDB (no `UPDATE ... RETURNING`): one transaction, a `SELECT ... FOR UPDATE SKIP
 //!     LOCKED` of the picks, the `UPDATE` on their ids and versions, and a read of the rows
 //!     written: three statements.
@@ -24,8 +27,10 @@
 //!   the version its holder last wrote (`WHERE (id = ? AND version = ?) OR ...`). A row whose
 //!   version moved on (taken over, cancelled, renewed by an answer its holder lost) is left
 //!   alone and simply not returned: its holder learns of it as it would from a single
-//!   compare-and-swap. PostgreSQL and SQLite: one statement with `RETURNING`; MariaDB: one
-//!   transaction (a locking read of the rows, the `UPDATE`, a read back).
+//!   compare-and-swap. PostgreSQL: one statement over arrays (`UPDATE ... FROM unnest(ids,
+//!   versions, starts)`), the same text for every batch size; SQLite: one statement with
+//!   `RETURNING`; MariaDB: one transaction (a locking read of the rows, the `UPDATE`, a read
+//!   back).
 //!
 //! A batch that fails with a transient error may have committed with its answer lost:
 //! [`started_by`] finds what a lost start wrote (the owner and lease expiry are the

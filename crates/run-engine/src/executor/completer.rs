@@ -441,15 +441,19 @@ impl Completions {
                 .map(|mut q| std::mem::take(&mut *q))
                 .unwrap_or_default();
             if !batch.is_empty() {
-                let stories: Vec<run_story::Model> = batch.iter().map(|(s, _)| s.clone()).collect();
+                let (stories, answers): (Vec<run_story::Model>, Vec<Answer>) =
+                    batch.into_iter().unzip();
                 let written = run_domain::batch::complete_running(db, &stories).await;
                 if let Err(e) = &written {
                     tracing::debug!(error = %e, stories = stories.len(), "a batched completion failed; each story is recorded on its own");
                 }
-                let mut written = written.unwrap_or_default();
-                for (story, answer) in batch {
-                    let at = written.iter().position(|w| w.id == story.id);
-                    let _ = answer.send(at.map(|i| written.swap_remove(i)));
+                let mut written: std::collections::HashMap<uuid::Uuid, run_story::Model> = written
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|w| (w.id, w))
+                    .collect();
+                for (story, answer) in stories.iter().zip(answers) {
+                    let _ = answer.send(written.remove(&story.id));
                 }
             }
         }

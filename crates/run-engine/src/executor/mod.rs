@@ -21,7 +21,10 @@
 //! A story without output costs three statements: the claim, the result (both
 //! compare-and-swap), and one indexed look whether its epic has stories left
 //! ([`crate::queries::epic_has_unfinished`]), skipped while another worker of this process holds
-//! a story of the epic (the last of them to record looks). Its log lines (started, its output,
+//! a story of the epic, or one is queued in the process (the last of them to record looks).
+//! With short handlers and batching (the default), claims and results are batched (see
+//! [`ExecutorConfig::claim_batch`]): a claim of up to 256 stories and a result write per group
+//! of stories finishing at once, so a story costs a fraction of a statement of each. Its log lines (started, its output,
 //! and the line that tells its result) go through one [`LogSink`] writer per execution, shared
 //! by every worker: they are written in batches together with every other worker's (group
 //! commit), and the worker waits for them before it records the result, so that whoever sees

@@ -239,7 +239,7 @@ struct ExecArgs {
     /// The most stories one claim statement takes, for the idle workers of this process and,
     /// when stories are short, the next ones ahead (1: one story per statement, the results
     /// recorded one by one). Runs whose stories hold limits claim one at a time
-    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=256), value_name = "N")]
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..=1024), value_name = "N")]
     claim_batch: u16,
     /// On PostgreSQL, do not listen for notifications (behind a pooler that does not pass them
     /// on, such as PgBouncer in transaction mode): idle workers only poll
