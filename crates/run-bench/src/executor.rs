@@ -112,16 +112,21 @@ pub async fn new_run(db: &DatabaseConnection, stories: usize) -> anyhow::Result<
 
 /// For `run-bench profile-executor`: migrates `url`, creates a run of `stories` no-op stories,
 /// executes it with `workers` workers (claiming up to `batch` at a time) in this process and
-/// prints the rate and the CPU per story.
+/// prints the rate and the CPU per story (with `create_only`, prints the run's id instead).
 pub async fn profile(
     url: &str,
     stories: usize,
     workers: usize,
     batch: Option<usize>,
+    create_only: bool,
 ) -> anyhow::Result<()> {
     let db = run_domain::connect(url).await?;
     migration::apply(&db, None).await?;
     let run_id = new_run(&db, stories).await?;
+    if create_only {
+        println!("{run_id}");
+        return Ok(());
+    }
     let mut config = ExecutorConfig::default().workers(workers);
     if let Some(batch) = batch {
         config = config.claim_batch(batch);

@@ -124,6 +124,10 @@ enum Command {
         /// The most stories one claim takes (the executor's default when not given).
         #[arg(long)]
         batch: Option<usize>,
+        /// Only create the run and print its id (for executing it in several processes with
+        /// the hidden executor probe).
+        #[arg(long)]
+        create_only: bool,
     },
     /// Internal: run one command (after `--`) and report its peak memory.
     #[command(name = PEAK_SUBCOMMAND, hide = true)]
@@ -163,7 +167,8 @@ async fn main() -> anyhow::Result<()> {
             stories,
             workers,
             batch,
-        }) => executor::profile(url, *stories, *workers, *batch).await,
+            create_only,
+        }) => executor::profile(url, *stories, *workers, *batch, *create_only).await,
         Some(Command::Peak { command }) => {
             println!("{}", memory::peak_of(command)?.to_line());
             Ok(())
