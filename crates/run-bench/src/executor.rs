@@ -131,23 +131,14 @@ pub async fn profile(
     if let Some(batch) = batch {
         config = config.claim_batch(batch);
     }
-    let executor = Executor::new(db.clone(), NoOp, config);
-    let pg = PgCpu::start();
-    let cpu = own_cpu_seconds();
-    let started = Instant::now();
-    let summary = executor.execute(run_id).await?;
-    let took = started.elapsed().as_secs_f64();
-    let cpu = own_cpu_seconds() - cpu;
-    let pg = pg.stop().await;
-    anyhow::ensure!(summary.is_completed(), "run did not complete: {summary}");
-    let n = stories as f64;
+    let run = execute_measured(&db, run_id, stories, config).await?;
     println!(
         "{stories} stories, {workers} workers: {:.0} stories/s, CPU per story {:.0} µs here, \
-         {:.0} µs in postgres processes, {} claims",
-        n / took,
-        1e6 * cpu / n,
-        1e6 * pg / n,
-        summary.claims_tried
+         {:.0} µs in postgres processes, {:.0} claims",
+        run.rate,
+        run.cpu_us,
+        run.pg_cpu_us,
+        run.claims_per_story * stories as f64
     );
     Ok(())
 }
@@ -171,13 +162,21 @@ async fn ours(
     batch: usize,
 ) -> anyhow::Result<OursRun> {
     let run_id = new_run(&bench.db, stories).await?;
-    let executor = Executor::new(
-        bench.db.clone(),
-        NoOp,
-        ExecutorConfig::default()
-            .workers(workers)
-            .claim_batch(batch),
-    );
+    let config = ExecutorConfig::default()
+        .workers(workers)
+        .claim_batch(batch);
+    execute_measured(&bench.db, run_id, stories, config).await
+}
+
+/// Executes `run_id` (of `stories` no-op stories) in this process with `config`, timing it and
+/// the CPU used here and by PostgreSQL.
+async fn execute_measured(
+    db: &DatabaseConnection,
+    run_id: Uuid,
+    stories: usize,
+    config: ExecutorConfig,
+) -> anyhow::Result<OursRun> {
+    let executor = Executor::new(db.clone(), NoOp, config);
     let pg = PgCpu::start();
     let cpu = own_cpu_seconds();
     let started = Instant::now();

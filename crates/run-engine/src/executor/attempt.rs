@@ -253,8 +253,10 @@ impl Execution {
         self.handoff
             .lock()
             .map(|h| {
-                h.spare.iter().any(|c| c.story.epic_id == epic)
-                    || h.given.values().any(|c| c.story.epic_id == epic)
+                h.spare
+                    .iter()
+                    .chain(h.given.values())
+                    .any(|c| c.story.epic_id == epic)
             })
             .unwrap_or(false)
     }

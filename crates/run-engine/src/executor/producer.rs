@@ -264,9 +264,7 @@ impl Execution {
         lease: &Lease,
         mut candidates: tokio::sync::MutexGuard<'_, Candidates>,
     ) -> Result<Batch, EngineError> {
-        let due = candidates
-            .last_expiry_check
-            .is_none_or(|t| t.elapsed() >= EXPIRY_CHECK_EVERY);
+        let due = candidates.expiry_check_due();
         if due {
             // Expired leases are taken over one at a time (each its own compare-and-swap).
             candidates.last_expiry_check = Some(Instant::now());
@@ -453,9 +451,7 @@ impl Execution {
     ) -> Result<Option<run_story::Model>, EngineError> {
         let db = self.db();
         let mut candidates = self.candidates.lock().await;
-        let due = candidates
-            .last_expiry_check
-            .is_none_or(|t| t.elapsed() >= EXPIRY_CHECK_EVERY);
+        let due = candidates.expiry_check_due();
         if candidates.queue.is_empty() || due {
             let mut fresh = if candidates.queue.is_empty() {
                 self.stats.looks.fetch_add(1, Ordering::Relaxed);
@@ -618,6 +614,12 @@ pub(super) struct Candidates {
 }
 
 impl Candidates {
+    /// Whether running stories are due a look for expired leases ([`EXPIRY_CHECK_EVERY`]).
+    pub(super) fn expiry_check_due(&self) -> bool {
+        self.last_expiry_check
+            .is_none_or(|t| t.elapsed() >= EXPIRY_CHECK_EVERY)
+    }
+
     /// Queues `story` ahead of every story of lower or equal priority.
     pub(super) fn put_first_of_its_priority(&mut self, story: run_story::Model) {
         let at = self

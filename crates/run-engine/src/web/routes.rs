@@ -222,6 +222,17 @@ async fn log_events(
 }
 
 /// The form of an action: its CSRF token, and for a story, which.
+/// The run an action's form is posted for, once its id parses and its CSRF token matches.
+fn checked_action(
+    state: &AppState,
+    id: &str,
+    form: &HashMap<String, String>,
+) -> Result<Uuid, PageError> {
+    let id = run_id(id)?;
+    checked_form(state, form)?;
+    Ok(id)
+}
+
 fn checked_form(state: &AppState, form: &HashMap<String, String>) -> Result<(), PageError> {
     let given = form.get("csrf").map(String::as_str).unwrap_or("");
     if state.security.csrf_matches(given) {
@@ -244,8 +255,7 @@ async fn cancel(
     Path(id): Path<String>,
     Form(form): Form<HashMap<String, String>>,
 ) -> Result<Response, PageError> {
-    let id = run_id(&id)?;
-    checked_form(&state, &form)?;
+    let id = checked_action(&state, &id, &form)?;
     let report = crate::cancel::cancel_run(&state.db, id).await?;
     tracing::info!(run_id = %id, cancelled = report.stories_cancelled, "run cancelled from the web view");
     Ok(back_to(id))
@@ -256,8 +266,7 @@ async fn pause(
     Path(id): Path<String>,
     Form(form): Form<HashMap<String, String>>,
 ) -> Result<Response, PageError> {
-    let id = run_id(&id)?;
-    checked_form(&state, &form)?;
+    let id = checked_action(&state, &id, &form)?;
     crate::control::pause_run(&state.db, id).await?;
     Ok(back_to(id))
 }
@@ -267,8 +276,7 @@ async fn resume(
     Path(id): Path<String>,
     Form(form): Form<HashMap<String, String>>,
 ) -> Result<Response, PageError> {
-    let id = run_id(&id)?;
-    checked_form(&state, &form)?;
+    let id = checked_action(&state, &id, &form)?;
     crate::control::resume_run(&state.db, id).await?;
     Ok(back_to(id))
 }
@@ -278,8 +286,7 @@ async fn cancel_story(
     Path(id): Path<String>,
     Form(form): Form<HashMap<String, String>>,
 ) -> Result<Response, PageError> {
-    let id = run_id(&id)?;
-    checked_form(&state, &form)?;
+    let id = checked_action(&state, &id, &form)?;
     let story = form.get("story").map(String::as_str).unwrap_or("");
     crate::control::cancel_story(&state.db, id, story).await?;
     Ok(back_to(id))
